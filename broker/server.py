@@ -1,0 +1,193 @@
+"""The composition root: config -> store -> core -> protocol sessions -> listeners, and shutdown.
+
+The only module that imports protocols, storage backends and cluster together (DESIGN.md §6).
+`serve(config)` runs the broker until SIGTERM/SIGINT and returns the process exit code; a
+start-up problem (port in use, unusable data dir) raises `StartupError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.auth import Authenticator
+from broker.config import Config, ListenerProtocol
+from broker.context import FlowGate, ServerContext
+from broker.core import Broker, CoreLimits
+from protocols.amqp091.session import AmqpSession
+from protocols.mqtt.session import MqttSession, SysPublisher
+from protocols.session import SessionFactory
+from protocols.stomp.session import StompSession
+from protocols.transport import install_uvloop
+from protocols.transport.listeners import ConnectionLimiter, Listener, start_listener
+from protocols.transport.tls import make_server_context
+from storage import open_store
+from storage.base import Store, StoreError
+
+log = logging.getLogger("polybroker.server")
+
+TICK_SECONDS = 0.1
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+class StartupError(Exception):
+    """The broker cannot start; the message is the one line to print."""
+
+
+def build_context(config: Config, store: Store) -> ServerContext:
+    """Recover the store into a new core and wrap it in the context sessions share."""
+    recovered = store.open()
+    broker = Broker(
+        store,
+        limits=CoreLimits(
+            page_out_threshold=config.store.page_out_threshold,
+            memory_high_watermark=config.store.memory_high_watermark_mb << 20,
+        ),
+        vhosts=config.vhosts.names,
+    )
+    broker.recover(recovered)
+    context = ServerContext(
+        broker=broker,
+        auth=Authenticator(config),
+        config=config,
+        flow=FlowGate(broker, config.store.store_high_watermark_mb << 20),
+        started_at=time.time(),
+        server_name=config.server.name,
+    )
+    for saved in recovered.sessions:
+        context.saved_sessions[(saved.vhost, saved.client_id)] = saved.state
+    return context
+
+
+def session_factories(context: ServerContext) -> dict[str, SessionFactory]:
+    return {
+        "mqtt": lambda: MqttSession(context),
+        "amqp": lambda: AmqpSession(context),
+        "stomp": lambda: StompSession(context),
+    }
+
+
+class Server:
+    """A running broker: its store, core, listeners and periodic tasks."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.listeners: list[Listener] = []
+        self.context: ServerContext | None = None
+        self._store: Store | None = None
+        self._stopping: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        data_dir = Path(self.config.store.data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot use data directory {data_dir}: {exc.strerror or exc}") from None
+        try:
+            self._store = open_store(self.config.store.kind, data_dir, loop.call_soon_threadsafe)
+            self.context = build_context(self.config, self._store)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        await self._start_listeners()
+        self._tasks.append(loop.create_task(self._tick()))
+        sys_publisher = SysPublisher(self.context)
+        if self.config.server.sys_interval > 0:
+            self._tasks.append(loop.create_task(self._sys(sys_publisher)))
+
+    async def _start_listeners(self) -> None:
+        assert self.context is not None
+        config = self.config
+        factories = session_factories(self.context)
+        limiter = ConnectionLimiter(config.limits.max_connections)
+        ssl_context = None
+        if config.tls.cert_file:
+            try:
+                ssl_context = make_server_context(
+                    config.tls.cert_file, config.tls.key_file, config.tls.ca_file or None, config.tls.verify_client
+                )
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot load TLS certificate {config.tls.cert_file}: {exc}") from None
+        for spec in config.enabled_listeners():
+            if spec.protocol is ListenerProtocol.WEBSOCKET:
+                kind, listener_factories = "websocket", {"mqtt": factories["mqtt"], "stomp": factories["stomp"]}
+            else:
+                kind, listener_factories = "stream", {spec.protocol.value: factories[spec.protocol.value]}
+            try:
+                listener = await start_listener(
+                    spec.name,
+                    spec.host,
+                    spec.port,
+                    listener_factories,
+                    ssl_context=ssl_context if spec.tls else None,
+                    kind=kind,
+                    limits=config.limits,
+                    limiter=limiter,
+                )
+            except OSError as exc:
+                await self.stop()
+                raise StartupError(
+                    f"cannot listen on {spec.host}:{spec.port} ({spec.name}): {exc.strerror or exc}"
+                ) from None
+            self.listeners.append(listener)
+            log.info("listening for %s on %s:%d", spec.name, spec.host, spec.port)
+
+    async def _tick(self) -> None:
+        assert self.context is not None
+        broker, flow = self.context.broker, self.context.flow
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                broker.tick()
+                flow.check()
+            except Exception:  # a bug in maintenance must not stop the broker
+                log.exception("periodic maintenance failed")
+
+    async def _sys(self, publisher: Any) -> None:
+        while True:
+            await asyncio.sleep(self.config.server.sys_interval)
+            try:
+                publisher.publish()
+            except Exception:
+                log.exception("$SYS publication failed")
+
+    async def stop(self) -> None:
+        """Stop accepting, close clients the protocol's proper way, flush the store."""
+        for task in self._tasks:
+            task.cancel()
+        for listener in self.listeners:
+            listener.stop_accepting()
+        await asyncio.gather(
+            *(listener.close_connections(SHUTDOWN_GRACE_SECONDS) for listener in self.listeners),
+            return_exceptions=True,
+        )
+        self.listeners.clear()
+        if self._store is not None:
+            store, self._store = self._store, None
+            await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+
+async def _run(config: Config) -> int:
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("polybroker started (store %s in %s)", config.store.kind, config.store.data_dir)
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def serve(config: Config) -> int:
+    """Run the broker until SIGTERM/SIGINT. Returns the exit code (0 on a clean stop)."""
+    install_uvloop()
+    return asyncio.run(_run(config))
