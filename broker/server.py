@@ -22,9 +22,15 @@ from protocols.amqp091.session import AmqpSession
 from protocols.mqtt.session import MqttSession, SysPublisher
 from protocols.session import SessionFactory
 from protocols.stomp.session import StompSession
-from protocols.transport import install_uvloop
-from protocols.transport.listeners import ConnectionLimiter, Listener, start_listener
-from protocols.transport.tls import make_server_context
+from protocols.transport import (
+    ConnectionRegistry,
+    Listener,
+    TransportLimits,
+    install_uvloop,
+    server_ssl_context,
+    start_listener,
+    stop_listeners,
+)
 from storage import open_store
 from storage.base import Store, StoreError
 
@@ -77,6 +83,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.listeners: list[Listener] = []
+        self.registry = ConnectionRegistry(config.limits.max_connections)
         self.context: ServerContext | None = None
         self._store: Store | None = None
         self._stopping: asyncio.Event | None = None
@@ -104,15 +111,21 @@ class Server:
         assert self.context is not None
         config = self.config
         factories = session_factories(self.context)
-        limiter = ConnectionLimiter(config.limits.max_connections)
+        limits = TransportLimits(
+            max_pending_write_bytes=config.limits.max_pending_write_bytes,
+            max_message_size=config.limits.max_frame_size,
+        )
         ssl_context = None
         if config.tls.cert_file:
             try:
-                ssl_context = make_server_context(
-                    config.tls.cert_file, config.tls.key_file, config.tls.ca_file or None, config.tls.verify_client
+                ssl_context = server_ssl_context(
+                    config.tls.cert_file,
+                    config.tls.key_file or None,
+                    cacertfile=config.tls.ca_file or None,
+                    fail_if_no_peer_cert=config.tls.verify_client,
                 )
-            except (OSError, ValueError) as exc:
-                raise StartupError(f"cannot load TLS certificate {config.tls.cert_file}: {exc}") from None
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
         for spec in config.enabled_listeners():
             if spec.protocol is ListenerProtocol.WEBSOCKET:
                 kind, listener_factories = "websocket", {"mqtt": factories["mqtt"], "stomp": factories["stomp"]}
@@ -124,10 +137,10 @@ class Server:
                     spec.host,
                     spec.port,
                     listener_factories,
+                    registry=self.registry,
                     ssl_context=ssl_context if spec.tls else None,
                     kind=kind,
-                    limits=config.limits,
-                    limiter=limiter,
+                    limits=limits,
                 )
             except OSError as exc:
                 await self.stop()
@@ -160,13 +173,8 @@ class Server:
         """Stop accepting, close clients the protocol's proper way, flush the store."""
         for task in self._tasks:
             task.cancel()
-        for listener in self.listeners:
-            listener.stop_accepting()
-        await asyncio.gather(
-            *(listener.close_connections(SHUTDOWN_GRACE_SECONDS) for listener in self.listeners),
-            return_exceptions=True,
-        )
-        self.listeners.clear()
+        listeners, self.listeners = self.listeners, []
+        await stop_listeners(listeners, self.registry, SHUTDOWN_GRACE_SECONDS)
         if self._store is not None:
             store, self._store = self._store, None
             await asyncio.get_running_loop().run_in_executor(None, store.close)

@@ -1,0 +1,1 @@
+"""Tests of the protocol packages and of the transport layer (mirrors protocols/)."""
