@@ -18,10 +18,7 @@ from broker.auth import Authenticator
 from broker.config import Config, ListenerProtocol
 from broker.context import FlowGate, ServerContext
 from broker.core import Broker, CoreLimits
-from protocols.amqp091.session import AmqpSession
-from protocols.mqtt.session import MqttSession, SysPublisher
 from protocols.session import SessionFactory
-from protocols.stomp.session import StompSession
 from protocols.transport import (
     ConnectionRegistry,
     Listener,
@@ -69,12 +66,21 @@ def build_context(config: Config, store: Store) -> ServerContext:
     return context
 
 
-def session_factories(context: ServerContext) -> dict[str, SessionFactory]:
-    return {
-        "mqtt": lambda: MqttSession(context),
-        "amqp": lambda: AmqpSession(context),
-        "stomp": lambda: StompSession(context),
-    }
+def session_factory(protocol: str, context: ServerContext) -> SessionFactory:
+    """The session factory of one protocol (imported only when a listener serves it)."""
+    if protocol == "mqtt":
+        from protocols.mqtt.session import MqttSession
+
+        return lambda: MqttSession(context)
+    if protocol == "amqp":
+        from protocols.amqp091.session import AmqpSession
+
+        return lambda: AmqpSession(context)
+    if protocol == "stomp":
+        from protocols.stomp.session import StompSession
+
+        return lambda: StompSession(context)
+    raise ValueError(f"unknown protocol {protocol!r}")
 
 
 class Server:
@@ -103,14 +109,15 @@ class Server:
             raise StartupError(str(exc)) from None
         await self._start_listeners()
         self._tasks.append(loop.create_task(self._tick()))
-        sys_publisher = SysPublisher(self.context)
-        if self.config.server.sys_interval > 0:
-            self._tasks.append(loop.create_task(self._sys(sys_publisher)))
+        if self.config.server.sys_interval > 0 and self.config.listeners.mqtt not in ("", "off"):
+            from protocols.mqtt.session import SysPublisher
+
+            self._tasks.append(loop.create_task(self._sys(SysPublisher(self.context))))
 
     async def _start_listeners(self) -> None:
         assert self.context is not None
         config = self.config
-        factories = session_factories(self.context)
+        context = self.context
         limits = TransportLimits(
             max_pending_write_bytes=config.limits.max_pending_write_bytes,
             max_message_size=config.limits.max_frame_size,
@@ -128,9 +135,11 @@ class Server:
                 raise StartupError(str(exc)) from None
         for spec in config.enabled_listeners():
             if spec.protocol is ListenerProtocol.WEBSOCKET:
-                kind, listener_factories = "websocket", {"mqtt": factories["mqtt"], "stomp": factories["stomp"]}
+                kind = "websocket"
+                listener_factories = {p: session_factory(p, context) for p in ("mqtt", "stomp")}
             else:
-                kind, listener_factories = "stream", {spec.protocol.value: factories[spec.protocol.value]}
+                kind = "stream"
+                listener_factories = {spec.protocol.value: session_factory(spec.protocol.value, context)}
             try:
                 listener = await start_listener(
                     spec.name,

@@ -63,6 +63,14 @@ class BrokerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLYBROKER_")}
         for name, port in self.ports.items():
             env[f"POLYBROKER_LISTENERS_{name.upper()}"] = f"127.0.0.1:{port}"
+        # POLYBROKER_TEST_PROTOCOLS=stomp,amqp runs only those protocols' listeners (a subset run).
+        only = os.environ.get("POLYBROKER_TEST_PROTOCOLS")
+        if only:
+            wanted = set(only.split(","))
+            for name in self.ports:
+                protocol = {"ws": "stomp", "wss": "stomp"}.get(name, name.split("_")[0])
+                if protocol not in wanted and not (name in ("ws", "wss") and "mqtt" in wanted):
+                    env[f"POLYBROKER_LISTENERS_{name.upper()}"] = "off"
         env["POLYBROKER_STORE_KIND"] = self.store
         env["POLYBROKER_SERVER_SYS_INTERVAL"] = env.get("POLYBROKER_SERVER_SYS_INTERVAL", "1")
         if self.tls:
@@ -82,8 +90,11 @@ class BrokerProcess:
         self.proc = subprocess.Popen(cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
+            env = self.environment()
             for name in wait:
                 if self.tls is None and name in ("mqtt_tls", "amqp_tls", "stomp_tls", "wss"):
+                    continue
+                if env.get(f"POLYBROKER_LISTENERS_{name.upper()}") == "off":
                     continue
                 wait_for_port(self.ports[name])
         except TimeoutError:
