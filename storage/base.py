@@ -21,7 +21,8 @@ from typing import Any
 
 from broker.message import Message
 
-Schedule = Callable[[Callable[[], None]], None]
+# The result is ignored (loop.call_soon_threadsafe returns a Handle).
+Schedule = Callable[[Callable[[], None]], object]
 
 
 # --- Journal records --------------------------------------------------------------------------
