@@ -10,7 +10,7 @@ queues, journals it once (body stored once) if it is persistent and any of those
 durable, and enqueues it. The caller learns from the `PublishResult` whether it must wait for
 the store (`store.when_durable`) before confirming to the publisher (DESIGN.md §5).
 
-Must not import: asyncio, protocols, storage backends (only the port, storage.base), cluster.
+Must not import: asyncio, protocols, storage backends (only the port, broker.journal), cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from broker.message import Message
 from broker.names import key_levels
 from broker.queue import EXPIRED, MAXLEN, REJECT_PUBLISH_DLX, Queue
 from broker.routing import EXCHANGE_TYPES, Exchange, make_exchange
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

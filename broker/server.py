@@ -29,7 +29,7 @@ from protocols.transport import (
     stop_listeners,
 )
 from storage import open_store
-from storage.base import Store, StoreError
+from broker.journal import Store, StoreError
 
 log = logging.getLogger("polybroker.server")
 

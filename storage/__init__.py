@@ -1,4 +1,4 @@
-"""The durable store: the `Store` port (storage.base), its backends and the record encoding.
+"""The durable store: the `Store` port (broker.journal), its backends and the record encoding.
 
 Backends: `MemoryStore` (nothing survives the process; tests and `store = "memory"`) and
 `SqliteStore` (one SQLite file in WAL mode, group commit with fsync). `storage.serial` encodes
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

@@ -6,7 +6,7 @@ backend, so paged-out bodies can be loaded back and are deleted with their last 
 and `snapshot()` returns what a persistent backend would recover at this point (the contract
 tests in tests/storage/test_contract.py compare both backends through it).
 
-Must not import: asyncio, protocols, cluster, broker.core (only broker.message, storage.base).
+Must not import: asyncio, protocols, cluster, broker.core (only broker.message, broker.journal).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from broker.message import Message
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

@@ -21,7 +21,7 @@ Layout (all integers little-endian):
 MessageEnqueued and MessageRemoved are on the publish/ack hot path and have hand-written
 encoders; the rarer records go through a per-type field schema.
 
-Must not import: asyncio, protocols, cluster, broker.core (only broker.message, storage.base).
+Must not import: asyncio, protocols, cluster, broker.core (only broker.message, broker.journal).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from broker.message import Message, Properties
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

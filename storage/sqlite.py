@@ -32,7 +32,7 @@ Any error in the writer is logged and makes the store refuse further use (`appen
 `when_durable` raise StoreError): callbacks of unwritten records never fire, so no publisher is
 confirmed for data that is not on disk.
 
-Must not import: asyncio, protocols, cluster, broker.core (only broker.message, storage.base).
+Must not import: asyncio, protocols, cluster, broker.core (only broker.message, broker.journal).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.message import Message
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

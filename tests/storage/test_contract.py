@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from broker.message import Message, Properties
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.message import Message, Properties
-from storage.base import (
+from broker.journal import (
     BindingAdded,
     BindingRemoved,
     ExchangeDeclared,
