@@ -15,6 +15,7 @@ Must not import: the broker core, storage, cluster, any protocol package (mqtt, 
 from __future__ import annotations
 
 import http
+import ipaddress
 import logging
 from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ class HandshakeRefusal:
 
     status: http.HTTPStatus
     reason: str
+
+
+def _loopback_origin(origin: str | None) -> bool:
+    """True when there is no Origin header or it names a loopback host."""
+    if origin is None or origin == "null":
+        return origin is None
+    host = urlsplit(origin).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def select_route(
@@ -238,6 +252,11 @@ class WebSocketDriver(BaseDriver):
             self._deadline.cancel()
             self._deadline = None
         self.subprotocol = route.subprotocol
+        if self.is_loopback and not _loopback_origin(request.headers.get("Origin")):
+            # A page from another site, opened in a browser on the broker's host, connects from
+            # loopback too; it must not get the loopback-only default user (cross-site WebSocket
+            # hijacking). Browsers always send Origin; other clients usually send none.
+            self.is_loopback = False
         if route.protocol in self._endpoint.text_protocols:
             self._send_message = ws.send_text
         self._start_session(self._endpoint.factories[route.protocol])
