@@ -18,6 +18,8 @@ from broker.auth import Authenticator
 from broker.config import Config, ListenerProtocol
 from broker.context import FlowGate, ServerContext
 from broker.core import Broker, CoreLimits
+from broker.journal import Store, StoreError
+from cluster.node import HaError, HaNode
 from protocols.session import SessionFactory
 from protocols.transport import (
     ConnectionRegistry,
@@ -29,7 +31,6 @@ from protocols.transport import (
     stop_listeners,
 )
 from storage import open_store
-from broker.journal import Store, StoreError
 
 log = logging.getLogger("polybroker.server")
 
@@ -84,7 +85,12 @@ def session_factory(protocol: str, context: ServerContext) -> SessionFactory:
 
 
 class Server:
-    """A running broker: its store, core, listeners and periodic tasks."""
+    """A running broker: its store, core, listeners and periodic tasks.
+
+    Single node: `start` opens the store and serves at once. With `[ha]` on, an `HaNode` owns the
+    store and calls `_serve` when this node becomes active and `_unserve` when it is fenced, so
+    client listeners are open only on the active node (issue: active/standby failover).
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -92,7 +98,7 @@ class Server:
         self.registry = ConnectionRegistry(config.limits.max_connections)
         self.context: ServerContext | None = None
         self._store: Store | None = None
-        self._stopping: asyncio.Event | None = None
+        self._node: HaNode | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -102,9 +108,28 @@ class Server:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"cannot use data directory {data_dir}: {exc.strerror or exc}") from None
+
+        def make_store() -> Store:
+            return open_store(self.config.store.kind, data_dir, loop.call_soon_threadsafe)
+
+        if self.config.ha.enabled:
+            self._node = HaNode(self.config, make_store, on_promote=self._serve, on_fence=self._unserve)
+            try:
+                await self._node.start()  # calls _serve now if this node becomes active
+            except (HaError, StoreError) as exc:
+                raise StartupError(str(exc)) from None
+            return
         try:
-            self._store = open_store(self.config.store.kind, data_dir, loop.call_soon_threadsafe)
-            self.context = build_context(self.config, self._store)
+            self._store = make_store()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        await self._serve(self._store)
+
+    async def _serve(self, store: Store) -> None:
+        """Recover `store` into a new core and open the client listeners."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.context = build_context(self.config, store)
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         await self._start_listeners()
@@ -113,6 +138,15 @@ class Server:
             from protocols.mqtt.session import SysPublisher
 
             self._tasks.append(loop.create_task(self._sys(SysPublisher(self.context))))
+
+    async def _unserve(self, grace: float = 0.0) -> None:
+        """Stop serving clients (fenced, or stopping): tasks, listeners, connections."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        listeners, self.listeners = self.listeners, []
+        await stop_listeners(listeners, self.registry, grace)
+        self.context = None
 
     async def _start_listeners(self) -> None:
         assert self.context is not None
@@ -152,7 +186,7 @@ class Server:
                     limits=limits,
                 )
             except OSError as exc:
-                await self.stop()
+                await self._unserve()
                 raise StartupError(
                     f"cannot listen on {spec.host}:{spec.port} ({spec.name}): {exc.strerror or exc}"
                 ) from None
@@ -180,10 +214,10 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, close clients the protocol's proper way, flush the store."""
-        for task in self._tasks:
-            task.cancel()
-        listeners, self.listeners = self.listeners, []
-        await stop_listeners(listeners, self.registry, SHUTDOWN_GRACE_SECONDS)
+        await self._unserve(SHUTDOWN_GRACE_SECONDS)
+        if self._node is not None:
+            node, self._node = self._node, None
+            await node.stop()  # the node owns (and closes) the store in HA mode
         if self._store is not None:
             store, self._store = self._store, None
             await asyncio.get_running_loop().run_in_executor(None, store.close)
@@ -191,7 +225,11 @@ class Server:
 
 async def _run(config: Config) -> int:
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

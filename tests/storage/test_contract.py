@@ -1,4 +1,4 @@
-"""The Store contract (storage/base.py), one test body run against every backend.
+"""The Store contract (broker/journal.py), one test body run against every backend.
 
 As in nats-server's store tests, each test takes a `harness` parametrized over the backends.
 `harness.restart()` is "the broker stops and starts again": the SQLite store is closed and
