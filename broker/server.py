@@ -191,7 +191,6 @@ class Server:
                     f"cannot listen on {spec.host}:{spec.port} ({spec.name}): {exc.strerror or exc}"
                 ) from None
             self.listeners.append(listener)
-            log.info("listening for %s on %s:%d", spec.name, spec.host, spec.port)
 
     async def _tick(self) -> None:
         assert self.context is not None
