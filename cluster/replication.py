@@ -67,7 +67,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 from broker.journal import (
     BindingAdded,
@@ -1012,11 +1012,11 @@ class _ActiveLink(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports (the server installs uvloop) are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)
         self._owner._link_made(self)
         hello = _HELLO.pack(PROTOCOL_VERSION, self._owner.epoch, self._nonce) + self._node_id.encode()
-        transport.write(encode_frame(FrameType.HELLO, hello))
+        self._transport.write(encode_frame(FrameType.HELLO, hello))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -1286,8 +1286,8 @@ class _ReceiverLink(asyncio.Protocol):
         self._reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports (the server installs uvloop) are not asyncio.Transport subclasses.
+        self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
