@@ -85,7 +85,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16)
     args = parser.parse_args()
     print(f"transient  {run_transient(args.seconds, args.size):>12,.0f} msg/s  ({args.size} B)")
-    print(f"persistent {run_persistent(args.seconds, args.size):>12,.0f} msg/s confirmed ({args.size} B, fsync)")
+    print(
+        f"persistent {run_persistent(args.seconds, args.size):>12,.0f} msg/s confirmed ({args.size} B, fsync)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main() -> None:
         print(f"filled {queue.message_count:,} x {args.size} B in {fill:.1f} s; RSS {rss_mb():.0f} MB")
         drained = 0
         start = time.perf_counter()
-        while (entry := queue.get(no_ack=True)) is not None:
+        while queue.get(no_ack=True) is not None:
             drained += 1
             if drained % 50_000 == 0:
                 store.flush()

@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.message import Message, Properties  # noqa: E402
 from broker.journal import MessageEnqueued, MessageRemoved, Store  # noqa: E402
+from broker.message import Message, Properties  # noqa: E402
 from storage.memory import MemoryStore  # noqa: E402
 from storage.sqlite import SqliteStore  # noqa: E402
 

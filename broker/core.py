@@ -22,10 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import AccessRefused, NotFound, PreconditionFailed, ResourceLocked
-from broker.message import Message
-from broker.names import key_levels
-from broker.queue import EXPIRED, MAXLEN, REJECT_PUBLISH_DLX, Queue
-from broker.routing import EXCHANGE_TYPES, Exchange, make_exchange
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -43,6 +39,10 @@ from broker.journal import (
     SessionSaved,
     Store,
 )
+from broker.message import Message
+from broker.names import key_levels
+from broker.queue import EXPIRED, MAXLEN, REJECT_PUBLISH_DLX, Queue
+from broker.routing import EXCHANGE_TYPES, Exchange, make_exchange
 
 log = logging.getLogger("polybroker.core")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from broker.message import Message
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -35,6 +34,7 @@ from broker.journal import (
     Store,
     StoreError,
 )
+from broker.message import Message
 from storage.serial import encode_table
 
 logger = logging.getLogger(__name__)

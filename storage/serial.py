@@ -35,7 +35,6 @@ from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final
 
-from broker.message import Message, Properties
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -52,6 +51,7 @@ from broker.journal import (
     SessionDeleted,
     SessionSaved,
 )
+from broker.message import Message, Properties
 
 FORMAT_VERSION: Final = 1
 

@@ -49,7 +49,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from broker.message import Message
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -70,6 +69,7 @@ from broker.journal import (
     Store,
     StoreError,
 )
+from broker.message import Message
 from storage.serial import (
     SerialError,
     decode_properties,

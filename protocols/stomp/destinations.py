@@ -16,9 +16,10 @@ escapes (broker/names.py), so the mapping stays reversible.
 
 `reply_to_for_delivery` turns the neutral `reply_to` property back into a destination a STOMP client can
 SEND to: the neutral form of a queue destination is the bare queue name (what an AMQP RPC server passes
-as routing_key on the default exchange, docs/sessions.md), and a server-named queue (a temp queue of a
-STOMP requester, an AMQP exclusive reply queue) becomes `/reply-queue/<name>`, which is published to
-without being declared.
+as routing_key on the default exchange, docs/sessions.md), and a queue the server made (a temp queue of a
+STOMP requester, an AMQP exclusive reply queue, RabbitMQ's direct reply-to) becomes `/reply-queue/<name>`,
+which is published to without being declared: a reply to a requester that has gone is then dropped as
+unroutable instead of failing the responder's SEND.
 
 Must not import: asyncio, the broker core, storage, cluster, other protocol packages.
 """
@@ -29,8 +30,9 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-#: Prefix of server-named queues (broker.core.VHost.server_named's default).
-SERVER_NAMED_PREFIX: Final = "amq.gen-"
+#: Prefix of the queue names only the server gives (AMQP 0-9-1 queue.declare: "amq." is reserved):
+#: server-named queues (`amq.gen-`, VHost.server_named's default) and direct reply-to queues.
+SERVER_NAMED_PREFIX: Final = "amq."
 #: Exchange of /topic/ destinations.
 TOPIC_EXCHANGE: Final = "amq.topic"
 

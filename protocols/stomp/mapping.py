@@ -15,13 +15,14 @@ The table is DESIGN.md §4 / docs/sessions.md "Names and properties across proto
     type, app-id, user-id                type, app_id, user_id
     any other header                     headers[name] (a string)
 
-On delivery a header value that is not a string becomes its `str()` (bytes are decoded as UTF-8); lists
-and tables (AMQP arrays and field tables, such as `x-death`) cannot be carried in a STOMP header and are
-left out, as RabbitMQ does. STOMP 1.0 cannot carry CR or LF in a header at all: such headers are left out
-too (never an error). Headers that would shadow the MESSAGE frame's own (`message-id`, `subscription`,
-`ack`, `destination`, `content-length`, `redelivered`) are never copied from or to the neutral headers,
-because "only the first header entry SHOULD be used" (STOMP 1.2 "Repeated Header Entries") would let them
-win.
+On delivery a header value that is not a string becomes its `str()` (bytes are decoded as UTF-8, booleans
+are `true` / `false`); lists and tables (AMQP arrays and field tables, such as `x-death`) cannot be
+carried in a STOMP header and are left out, as RabbitMQ does, and so are bytes that are not UTF-8 and
+any header with a NUL in it. STOMP 1.0 cannot carry CR or LF in a header at all: such headers are left
+out too (never an error). Headers that would shadow the MESSAGE frame's own
+(`message-id`, `subscription`, `ack`, `destination`, `content-length`, `redelivered`) are never copied
+from or to the neutral headers, because "only the first header entry SHOULD be used" (STOMP 1.2
+"Repeated Header Entries") would let them win.
 
 Queue arguments (`x-message-ttl`, `x-max-length`, `x-dead-letter-exchange`, ...) given as SUBSCRIBE or SEND
 headers declare the queue (RabbitMQ's STOMP plugin does the same) and are not message headers.
@@ -143,8 +144,14 @@ def properties_from_headers(headers: Mapping[str, str], reply_to: str | None, no
 def _header_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
+    if isinstance(value, bool):
+        # Not str(True): STOMP headers spell booleans in lower case (persistent:true), as RabbitMQ does.
+        return "true" if value else "false"
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+        try:
+            return value.decode()
+        except UnicodeDecodeError:  # STOMP 1.2 "Value Encoding": headers are UTF-8 text
+            return None
     if value is None or isinstance(value, list | dict | tuple):
         return None
     return str(value)
@@ -200,4 +207,9 @@ def encode_properties(props: Properties, version: str, expires_ms: int | None = 
             for name, value in items
             if not ("\n" in value or "\r" in value or ":" in name or "\n" in name or "\r" in name)
         ]
-    return encode_headers(items, version)
+    encoded = encode_headers(items, version)
+    if b"\0" in encoded:
+        # No escaping can carry a NUL, and clients (stomp.py, stomp.js) take the first NUL for the end of the
+        # frame before they read content-length: such a header is left out.
+        encoded = encode_headers([(n, v) for n, v in items if "\0" not in n and "\0" not in v], version)
+    return encoded

@@ -258,8 +258,18 @@ class WebSocketDriver(BaseDriver):
             # hijacking). Browsers always send Origin; other clients usually send none.
             self.is_loopback = False
         if route.protocol in self._endpoint.text_protocols:
-            self._send_message = ws.send_text
+            self._send_message = self._send_text_or_binary
         self._start_session(self._endpoint.factories[route.protocol])
+
+    def _send_text_or_binary(self, payload: bytes) -> None:
+        # RFC 6455 §5.6: a text frame must hold UTF-8; a binary STOMP body goes in a binary frame.
+        if not payload.isascii():
+            try:
+                payload.decode()
+            except UnicodeDecodeError:
+                self._ws.send_binary(payload)
+                return
+        self._ws.send_text(payload)
 
     def _flush(self) -> None:
         """Send everything written this turn as one WebSocket message (more only above max_message_size)."""

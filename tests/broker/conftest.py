@@ -48,7 +48,9 @@ def msg(body: bytes | str = b"x", exchange: str = "", key: str = "q", **props: o
     return Message(exchange, key, body, Properties(**props))  # type: ignore[arg-type]
 
 
-def consumer(tag: str = "c", prefetch: int = 0, no_ack: bool = False, **kw: object) -> tuple[Consumer, Collector]:
+def consumer(
+    tag: str = "c", prefetch: int = 0, no_ack: bool = False, **kw: object
+) -> tuple[Consumer, Collector]:
     collector = Collector()
     return Consumer(tag, collector, prefetch=prefetch, no_ack=no_ack, **kw), collector  # type: ignore[arg-type]
 

@@ -115,7 +115,8 @@ def test_per_queue_ttl_expires_with_injected_clock(broker: Broker, clock: FakeCl
     vh = broker.vhost("/")
     vh.declare_queue("dead")
     q = vh.declare_queue(
-        "q", arguments={"x-message-ttl": 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"}
+        "q",
+        arguments={"x-message-ttl": 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"},
     )
     publish_n(broker, "q", 2)
     clock.advance(0.5)
@@ -265,7 +266,8 @@ def test_delivery_limit_dead_letters_after_too_many_requeues(broker: Broker) -> 
     vh = broker.vhost("/")
     dead = vh.declare_queue("dead")
     q = vh.declare_queue(
-        "q", arguments={"x-delivery-limit": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"}
+        "q",
+        arguments={"x-delivery-limit": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"},
     )
     c, got = consumer(prefetch=1)
     q.add_consumer(c)

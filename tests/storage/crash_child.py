@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from broker.message import Message, Properties  # noqa: E402
 from broker.journal import MessageEnqueued, MessageRemoved, QueueDeclared  # noqa: E402
+from broker.message import Message, Properties  # noqa: E402
 from storage.sqlite import SqliteStore  # noqa: E402
 
 PERSISTENT = Properties(delivery_mode=2)

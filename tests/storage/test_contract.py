@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from broker.message import Message, Properties
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -40,6 +39,7 @@ from broker.journal import (
     Store,
     StoreError,
 )
+from broker.message import Message, Properties
 from storage.memory import MemoryStore
 from storage.sqlite import SqliteStore
 

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.message import Message, Properties
 from broker.journal import (
     BindingAdded,
     BindingRemoved,
@@ -33,6 +32,7 @@ from broker.journal import (
     SessionDeleted,
     SessionSaved,
 )
+from broker.message import Message, Properties
 from storage.serial import (
     FORMAT_VERSION,
     MAX_DEPTH,
