@@ -20,7 +20,7 @@ VOLUME ["/data"]
 # MQTT, MQTT/TLS, AMQP, AMQP/TLS, STOMP, STOMP/TLS, WebSocket, WSS
 EXPOSE 1883 8883 5672 5671 61613 61614 15675 15676
 
-USER polybroker
+USER 10001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 5672), 2).close()"]
 # exec form: polybroker is PID 1 and gets SIGTERM directly (graceful stop, exit 0).
