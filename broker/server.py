@@ -223,16 +223,18 @@ class Server:
 
 
 async def _run(config: Config) -> int:
+    # Signal handlers first: a SIGTERM that arrives while listeners are still starting must still
+    # stop the broker cleanly (exit 0), not kill it with the default handler.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     server = Server(config)
     try:
         await server.start()
     except BaseException:
         await server.stop()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     log.info("polybroker started (store %s in %s)", config.store.kind, config.store.data_dir)
     await stop.wait()
     log.info("stopping")

@@ -261,15 +261,15 @@ class WebSocketDriver(BaseDriver):
             self._send_message = self._send_text_or_binary
         self._start_session(self._endpoint.factories[route.protocol])
 
-    def _send_text_or_binary(self, payload: bytes) -> None:
+    def _send_text_or_binary(self, payload: bytes, fin: bool = True) -> None:
         # RFC 6455 §5.6: a text frame must hold UTF-8; a binary STOMP body goes in a binary frame.
         if not payload.isascii():
             try:
                 payload.decode()
             except UnicodeDecodeError:
-                self._ws.send_binary(payload)
+                self._ws.send_binary(payload, fin)
                 return
-        self._ws.send_text(payload)
+        self._ws.send_text(payload, fin)
 
     def _flush(self) -> None:
         """Send everything written this turn as one WebSocket message (more only above max_message_size)."""
