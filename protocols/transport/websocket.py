@@ -17,7 +17,7 @@ from __future__ import annotations
 import http
 import ipaddress
 import logging
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -161,7 +161,7 @@ class WebSocketDriver(BaseDriver):
             max_size=context.limits.max_message_size,
             logger=endpoint.protocol_logger,
         )
-        self._send_message = self._ws.send_binary
+        self._send_message: Callable[[bytes], None] = self._ws.send_binary
 
     # -- Connection -------------------------------------------------------------------------------
 
@@ -261,15 +261,15 @@ class WebSocketDriver(BaseDriver):
             self._send_message = self._send_text_or_binary
         self._start_session(self._endpoint.factories[route.protocol])
 
-    def _send_text_or_binary(self, payload: bytes, fin: bool = True) -> None:
+    def _send_text_or_binary(self, payload: bytes) -> None:
         # RFC 6455 §5.6: a text frame must hold UTF-8; a binary STOMP body goes in a binary frame.
         if not payload.isascii():
             try:
                 payload.decode()
             except UnicodeDecodeError:
-                self._ws.send_binary(payload, fin)
+                self._ws.send_binary(payload)
                 return
-        self._ws.send_text(payload, fin)
+        self._ws.send_text(payload)
 
     def _flush(self) -> None:
         """Send everything written this turn as one WebSocket message (more only above max_message_size)."""
