@@ -90,7 +90,9 @@ class Broker:
     def __init__(
         self,
         store: Store,
-        clock: Callable[[], float] = time.monotonic,
+        # Wall-clock seconds: message expiry deadlines are stored with persistent messages and
+        # must still mean the same instant after a restart (a monotonic clock restarts at boot).
+        clock: Callable[[], float] = time.time,
         wall_clock: Callable[[], float] = time.time,
         limits: CoreLimits | None = None,
         vhosts: Iterable[str] = (DEFAULT_VHOST,),

@@ -468,8 +468,17 @@ class Queue:
         ids = [self._paged.popleft() for _ in range(min(_PAGE_IN_BATCH, len(self._paged)))]
         messages = self._owner.load_messages(ids)
         loaded = 0
+        # The queue's TTL counts from page-in for these: their enqueue time is not stored.
+        ttl_deadline = None if self.message_ttl is None else self._clock() + self.message_ttl / 1000.0
+        max_priority = self.max_priority
         for message in messages:
-            entry = Entry(message, message.expires_at, 0, True)
+            expires_at = message.expires_at
+            if ttl_deadline is not None and (expires_at is None or ttl_deadline < expires_at):
+                expires_at = ttl_deadline
+            priority = 0
+            if max_priority is not None:
+                priority = min(message.properties.priority or 0, max_priority)
+            entry = Entry(message, expires_at, priority, True)
             if message.msg_id <= self._recovered_upto:
                 entry.redelivered = True
             self._ready.append(entry)
@@ -565,6 +574,8 @@ class Queue:
     def expire(self, now: float) -> None:
         """Dead-letter expired messages at the head (as RabbitMQ does: TTL is checked at the head)."""
         ready = self._ready
+        if not ready and self._paged:
+            self._page_in()  # recovered or paged messages expire too
         while ready:
             head = ready[0]
             if head.expires_at is None or head.expires_at > now:
