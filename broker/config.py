@@ -208,6 +208,11 @@ class HaConfig:
     lease_seconds: float = _checked(_positive, 2.0)
     sync_timeout: float = _checked(_positive, 5.0)
     node_id: str = ""
+    # Mutual TLS on the replication link: this node's certificate and key (usable as server and
+    # as client certificate) and the CA that signed both nodes' certificates. All three or none.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -613,6 +618,15 @@ def _validate(
             default.user,
             'is also the [default] user; remove one, or set [default] user = ""',
         )
+    ha_tls = {key: getattr(config.ha, key) for key in ("tls_cert_file", "tls_key_file", "tls_ca_file")}
+    if any(ha_tls.values()):
+        for key, path in ha_tls.items():
+            if not path:
+                raise _fail(
+                    _origin(raw, "ha", key, fallback), "ha", key, "the link's TLS needs all three files"
+                )
+            if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise _fail(_origin(raw, "ha", key, fallback), "ha", key, f"cannot read the file {path!r}")
     for name in config.vhosts.names:
         if not name:
             raise _fail(_origin(raw, "vhosts", "names", fallback), "vhosts", "names", "a vhost name is empty")

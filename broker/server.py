@@ -20,6 +20,7 @@ from broker.context import FlowGate, ServerContext
 from broker.core import Broker, CoreLimits
 from broker.journal import Store, StoreError
 from cluster.node import HaError, HaNode
+from cluster.replication import LinkTls
 from protocols.session import SessionFactory
 from protocols.transport import (
     ConnectionRegistry,
@@ -113,7 +114,16 @@ class Server:
             return open_store(self.config.store.kind, data_dir, loop.call_soon_threadsafe)
 
         if self.config.ha.enabled:
-            self._node = HaNode(self.config, make_store, on_promote=self._serve, on_fence=self._unserve)
+            ha = self.config.ha
+            tls = None
+            if ha.tls_cert_file:
+                try:
+                    tls = LinkTls.from_files(ha.tls_cert_file, ha.tls_key_file, ha.tls_ca_file)
+                except (OSError, ValueError) as exc:
+                    raise StartupError(f"cannot load the replication link's TLS files: {exc}") from None
+            self._node = HaNode(
+                self.config, make_store, on_promote=self._serve, on_fence=self._unserve, tls=tls
+            )
             try:
                 await self._node.start()  # calls _serve now if this node becomes active
             except (HaError, StoreError) as exc:

@@ -357,6 +357,21 @@ def test_tls_certificate_without_key_and_unreadable_files(tmp_path: Path) -> Non
     assert not any(spec.tls for spec in config.enabled_listeners())
 
 
+def test_the_replication_links_tls_needs_all_three_readable_files(tmp_path: Path) -> None:
+    cert = write(tmp_path, "cert", "node.pem")
+    with pytest.raises(ConfigError, match=r"\[ha\] tls_key_file: the link's TLS needs all three files"):
+        load_text(tmp_path, f"[ha]\ntls_cert_file = '{cert}'\n")
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError, match=r"\[ha\] tls_ca_file: cannot read the file"):
+        load_text(
+            tmp_path, f"[ha]\ntls_cert_file = '{cert}'\ntls_key_file = '{cert}'\ntls_ca_file = '{missing}'\n"
+        )
+    config = load_text(
+        tmp_path, f"[ha]\ntls_cert_file = '{cert}'\ntls_key_file = '{cert}'\ntls_ca_file = '{cert}'\n"
+    )
+    assert config.ha.tls_ca_file == str(cert)
+
+
 def test_user_entries_are_checked(tmp_path: Path, alice_hash: str) -> None:
     cases = [
         (
