@@ -9,7 +9,7 @@ from the tables below, so a new endpoint, name, property or lossy case is one li
 - `NAMES`: one topic in its three spellings (MQTT topic, STOMP destination, AMQP routing key,
   DESIGN.md §4), including names that hold the other protocol's separator, non-ASCII and `%`.
 - `WILDCARDS`: one filter in its three spellings, and topics it must and must not match.
-- `PROPERTIES`: one property in its three spellings (docs/cross-protocol.md "Properties"); a `None`
+- `PROPERTIES`: one property in its three spellings (README.md, "Names across protocols" "Properties"); a `None`
   cell is a protocol that cannot carry it.
 - `LOSSY`: values a protocol cannot carry, and what the consumer sees instead (never an error).
 
@@ -917,7 +917,7 @@ def test_routing_key_that_is_no_mqtt_topic_name_is_not_delivered_to_mqtt(
 
 def test_mqtt_topic_too_long_for_amqp(clients: Clients) -> None:
     """An MQTT topic over AMQP's 255-octet shortstr is delivered to an AMQP consumer with an empty
-    routing key instead of breaking the delivery (docs/cross-protocol.md)."""
+    routing key instead of breaking the delivery (README.md, "Names across protocols")."""
     amqp: AmqpClient = clients.open("amqp-tcp")
     level = unique()
     inbox = amqp.subscribe(level + ".#")

@@ -1,5 +1,5 @@
 """Tests of protocols/stomp/mapping.py: STOMP headers <-> neutral properties, one row per case of the
-cross-protocol property table (docs/cross-protocol.md), without a broker or a socket."""
+cross-protocol property table (README.md, "Names across protocols"), without a broker or a socket."""
 
 from __future__ import annotations
 
