@@ -105,7 +105,17 @@ class Message:
     it is carried so that retain-as-published can be honoured.
     """
 
-    __slots__ = ("exchange", "routing_key", "body", "properties", "msg_id", "expires_at", "retain", "origin")
+    __slots__ = (
+        "exchange",
+        "routing_key",
+        "body",
+        "properties",
+        "msg_id",
+        "expires_at",
+        "retain",
+        "origin",
+        "encoded",
+    )
 
     def __init__(
         self,
@@ -127,6 +137,10 @@ class Message:
         self.retain = retain
         # The publishing connection (any hashable token), for MQTT 5 no-local. Not stored.
         self.origin = origin
+        # The last wire encoding a protocol made of this message, as (key, bytes), so that a
+        # fan-out to many subscribers of one protocol encodes once (RabbitMQ's mc does the same).
+        # The key is the protocol's own; not stored.
+        self.encoded: tuple[object, bytes] | None = None
 
     @property
     def persistent(self) -> bool:

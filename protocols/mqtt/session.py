@@ -1054,9 +1054,16 @@ class MqttSession(ProtocolSession):
                 if qos == 2:
                     self._qos2_out.add(packet_id)
             else:
-                data = encode_publish(
-                    route.topic_field, message.body, 0, 0, route.retain and message.retain, False, route.props
-                )
+                # A QoS 0 PUBLISH is the same bytes for every subscriber with the same topic field,
+                # properties and retain flag: encode once per fan-out.
+                retain = route.retain and message.retain
+                key = (route.topic_field, route.props, retain)
+                cached = message.encoded
+                if cached is not None and cached[0] == key:
+                    data = cached[1]
+                else:
+                    data = encode_publish(route.topic_field, message.body, 0, 0, retain, False, route.props)
+                    message.encoded = (key, data)
                 if len(data) > self._max_out:
                     self._drop_oversize(queue, entry, len(data))
                     return

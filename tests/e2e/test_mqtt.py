@@ -335,6 +335,22 @@ def test_qos2_is_delivered_exactly_once_to_the_subscriber(clients: Clients, leve
     assert sub.payloads() == [str(i).encode() for i in range(50)]
 
 
+def test_one_qos0_message_reaches_subscribers_of_every_version_and_option(clients: Clients) -> None:
+    """A QoS 0 fan-out encodes once per distinct encoding; each subscriber still gets its own."""
+    topic = unique("fanout")
+    v3 = clients.connected("tcp", 4)
+    v3.subscribe(topic)
+    v5 = clients.connected("tcp", 5)
+    v5.subscribe(topic)
+    keep_retain = clients.connected("tcp", 5)
+    keep_retain.subscribe(topic, retainAsPublished=True)
+    pub = clients.connected("tcp", 5)
+    pub.publish(topic, b"payload", qos=0, retain=True)
+    for sub, retained in ((v3, False), (v5, False), (keep_retain, True)):
+        [message] = sub.wait_messages(1)
+        assert (message.topic, message.payload, bool(message.retain)) == (topic, b"payload", retained)
+
+
 def test_topic_with_a_dot_routes_exactly(clients: Clients) -> None:
     base = unique("dots")
     dotted = clients.connected()
