@@ -16,10 +16,11 @@ Must not import: asyncio, protocols, storage backends (only the port, broker.jou
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from broker.errors import AccessRefused, NotFound, PreconditionFailed, ResourceLocked
 from broker.journal import (
@@ -41,10 +42,14 @@ from broker.journal import (
 )
 from broker.message import Message
 from broker.names import key_levels
-from broker.queue import EXPIRED, MAXLEN, REJECT_PUBLISH_DLX, Queue
+from broker.queue import DELIVERY_LIMIT, EXPIRED, MAXLEN, REJECT_PUBLISH_DLX, Queue
 from broker.routing import EXCHANGE_TYPES, Exchange, make_exchange
 
 log = logging.getLogger("polybroker.core")
+
+#: Seconds between two log lines about one queue's limit-forced drops: a client over its queue
+#: limit (an MQTT subscriber that does not read) would otherwise log one line per message.
+DROP_LOG_INTERVAL: Final = 1.0
 
 DEFAULT_VHOST = "/"
 #: Exchanges every vhost has (DESIGN.md §3).
@@ -174,6 +179,16 @@ class Broker:
         self.ram_bytes += delta
 
 
+class _Drops:
+    """One queue's limit-forced drops since its last log line, by reason, and when that line was."""
+
+    __slots__ = ("counts", "logged_at")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.logged_at = -math.inf
+
+
 class VHost:
     """A namespace of exchanges, queues and bindings (DESIGN.md §3). Implements QueueOwner."""
 
@@ -186,6 +201,8 @@ class VHost:
         self.retained: dict[str, Message] = {}
         self._store = broker.store
         self._server_named = 0
+        # Queues that dropped a message (no dead-letter exchange) within DROP_LOG_INTERVAL.
+        self._drops: dict[str, _Drops] = {}
         for ex_name, ex_type in PREDECLARED:
             self.exchanges[ex_name] = make_exchange(ex_name, ex_type, True)
 
@@ -212,15 +229,16 @@ class VHost:
         """Republish a message that left `queue` by `reason` to its dead-letter exchange.
 
         Adds RabbitMQ's `x-death` history and drops the per-message TTL, as RabbitMQ does, so
-        an expired message does not expire again at once. Without a dead-letter exchange the
-        drop is counted (and logged for limit-forced drops; DESIGN.md §5).
+        an expired message does not expire again at once. Without a dead-letter exchange a
+        limit-forced drop is counted and logged (DESIGN.md §5), at most one line per queue per
+        DROP_LOG_INTERVAL.
         """
         broker = self.broker
         dlx = queue.dead_letter_exchange
         if dlx is None or dlx not in self.exchanges:
-            if reason in (MAXLEN, EXPIRED) or reason == "delivery_limit":
+            if reason in (MAXLEN, EXPIRED, DELIVERY_LIMIT):
                 broker.messages_dropped += 1
-                log.info("queue '%s' in vhost '%s' dropped a message (%s)", queue.name, self.name, reason)
+                self._note_drop(queue.name, reason)
             return
         broker.messages_dead_lettered += 1
         routing_key = queue.dead_letter_routing_key or message.routing_key
@@ -254,6 +272,27 @@ class VHost:
         props.expiration = None
         dead = Message(dlx, routing_key, message.body, props)
         self._publish(dead, mandatory=False, skip=queue)
+
+    def _note_drop(self, queue: str, reason: str) -> None:
+        drops = self._drops.get(queue)
+        if drops is None:
+            drops = self._drops[queue] = _Drops()
+        drops.counts[reason] = drops.counts.get(reason, 0) + 1
+        now = self.broker.clock()
+        if now - drops.logged_at >= DROP_LOG_INTERVAL:
+            self._log_drops(queue, drops, now)
+
+    def _log_drops(self, queue: str, drops: _Drops, now: float) -> None:
+        counts = drops.counts
+        log.info(
+            "queue '%s' in vhost '%s' dropped %d message(s) (%s)",
+            queue,
+            self.name,
+            sum(counts.values()),
+            ", ".join(f"{reason}: {count}" for reason, count in counts.items()),
+        )
+        drops.counts = {}
+        drops.logged_at = now
 
     # --- exchanges -----------------------------------------------------------------------
 
@@ -365,12 +404,14 @@ class VHost:
         arguments: dict[str, Any] | None = None,
         passive: bool = False,
         owner: object = None,
+        reserved: bool = False,
     ) -> Queue:
         """Declare (or find, when `passive`) a queue. An empty name gets a server-chosen one.
 
         `exclusive_owner` makes the queue exclusive to that connection token (deleted by
         `release_owner`); `owner` is the declaring connection, checked against an existing
-        exclusive queue.
+        exclusive queue. `reserved` is for queues the broker makes for itself (direct reply-to):
+        only they may take a name with the `amq.` prefix, which clients may not declare.
         """
         if not name:
             if passive:
@@ -402,7 +443,8 @@ class VHost:
             return existing
         if passive:
             raise NotFound(f"no queue '{name}' in vhost '{self.name}'")
-        if name.startswith("amq.") and not name.startswith("amq.gen-"):
+        # AMQP 0-9-1 queue.declare, rule "amq": the prefix is reserved for the server.
+        if name.startswith("amq.") and not reserved and not name.startswith("amq.gen-"):
             raise AccessRefused(f"queue name '{name}' contains reserved prefix 'amq.*'")
         _check_name(name, "queue")
         queue = self.make_queue(name, durable, exclusive_owner, auto_delete, dict(arguments or {}))
@@ -658,6 +700,14 @@ class VHost:
     # --- maintenance ---------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        # Drops held back by the log interval are logged once it has passed; a queue quiet for
+        # a whole interval is forgotten.
+        for name, drops in list(self._drops.items()):
+            if now - drops.logged_at >= DROP_LOG_INTERVAL:
+                if drops.counts:
+                    self._log_drops(name, drops, now)
+                else:
+                    del self._drops[name]
         for queue in list(self.queues.values()):
             if queue.message_ttl is not None or queue.message_count:
                 queue.expire(now)

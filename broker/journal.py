@@ -18,7 +18,7 @@ Must not import: asyncio, protocols, storage, cluster, broker.core (only broker.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +184,38 @@ class Recovered:
     next_msg_id: int = 1
 
 
+class Snapshot:
+    """A store's durable state at one point of its journal, as the records that rebuild it.
+
+    `records` rebuild, in an empty store, what `open()` would recover at that point: topology in
+    declaration order, then each durable message once per vhost as one MessageEnqueued naming every
+    queue that holds it (in id order, which is each queue's enqueue order), then retained messages
+    and sessions. `next_msg_id` is the point's Recovered.next_msg_id (the records cannot carry ids
+    of messages already removed). When `blocking` is True, iterating `records` does I/O: do it off
+    the owner's thread, one thread at a time. `close()` releases what the snapshot holds; call it
+    once done with it, read to the end or not.
+    """
+
+    __slots__ = ("records", "next_msg_id", "blocking", "_close")
+
+    def __init__(
+        self,
+        records: Iterator[Record],
+        next_msg_id: int,
+        *,
+        blocking: bool = False,
+        close: Callable[[], None] | None = None,
+    ) -> None:
+        self.records = records
+        self.next_msg_id = next_msg_id
+        self.blocking = blocking
+        self._close = close
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
 class StoreError(Exception):
     """The store cannot be opened or written (message says what and where)."""
 
@@ -199,6 +231,9 @@ class Store(ABC):
       at least every record that was reported durable, applied in order.
     - `load_messages` returns bodies of messages that were enqueued and not yet removed from
       every queue, durable or not yet.
+    - A MessageEnqueued for no queue stores nothing but raises the next message id past its id.
+    - `snapshot()` is the state at the call (every record appended before it, none after) and
+      stays readable while the store goes on being written.
     """
 
     @abstractmethod
@@ -216,6 +251,11 @@ class Store(ABC):
     @abstractmethod
     def load_messages(self, msg_ids: Sequence[int]) -> list[Message]:
         """The messages with these ids, in the order asked (ids not found are skipped)."""
+
+    @abstractmethod
+    def snapshot(self) -> Snapshot:
+        """The state after everything appended so far, as records (replication sends it to a
+        standby). Called on the owner's thread; may block until what was appended is durable."""
 
     @property
     @abstractmethod

@@ -95,6 +95,27 @@ class Properties:
 EMPTY_PROPERTIES = Properties()
 
 
+def header_text(value: Any) -> str | None:
+    """A header value as the text of a protocol whose headers are text (STOMP headers, MQTT 5 User
+    Properties), by README.md "Values that do not cross": strings as they are, numbers as their
+    text, booleans as `true`/`false` (AMQP's and JSON's spelling, as in `persistent:true`), bytes
+    when they are UTF-8 (STOMP 1.2 "Value Encoding", [MQTT-1.5.4-1]); None, to leave it out, for
+    what has no text form: void, tables, arrays (MQTT sends an array element by element) and
+    bytes that are not UTF-8."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    if value is None or isinstance(value, list | tuple | dict):
+        return None
+    return str(value)
+
+
 class Message:
     """A published message as the core holds it.
 

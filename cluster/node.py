@@ -63,14 +63,8 @@ from cluster.replication import (
     ReplicatedStore,
     ReplicationReceiver,
     ReplicationSettings,
-    StoreSnapshot,
     SyncState,
-    memory_snapshot,
-    sqlite_snapshot,
 )
-from storage import SQLITE_FILENAME
-from storage.memory import MemoryStore
-from storage.sqlite import SqliteStore
 
 log = logging.getLogger("polybroker.cluster")
 
@@ -462,7 +456,6 @@ class HaNode:
             settings,
             epoch=state.epoch,
             peer=self._peer,
-            snapshot=self._snapshot_of(inner),
             lease_deadline=lease.valid_until,
             clock=self._monotonic,
             on_fenced=self._fenced,
@@ -491,13 +484,6 @@ class HaNode:
             self._monotonic() - started,
         )
         self._write_status(force=True)
-
-    def _snapshot_of(self, inner: Store) -> Callable[[], StoreSnapshot]:
-        if isinstance(inner, SqliteStore):
-            return partial(sqlite_snapshot, inner, self._data_dir / SQLITE_FILENAME)
-        if isinstance(inner, MemoryStore):
-            return partial(memory_snapshot, inner)
-        raise HaError(f"cannot replicate a {type(inner).__name__}")
 
     async def _step_down(self, reason: str) -> None:
         async with self._transition:

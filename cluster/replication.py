@@ -44,8 +44,7 @@ and PONG from the standby. A record is `storage.serial.encode_record`'s bytes, l
 (u32).
 
 Snapshots need the store's state at one exact point of the journal while it keeps being
-written. `memory_snapshot` and `sqlite_snapshot` provide it until the Store port has a method for
-it; `sqlite_snapshot` reads the SQLite backend's tables through a second, read-only connection.
+written: the Store port's `snapshot()` gives it, whatever the backend.
 
 Must not import: protocols, broker.core.
 """
@@ -59,37 +58,30 @@ import hmac
 import logging
 import math
 import secrets
-import sqlite3
 import ssl
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Final, NoReturn, cast
 
 from broker.journal import (
-    BindingAdded,
     BindingRemoved,
-    ExchangeDeclared,
     ExchangeDeleted,
     MessageEnqueued,
-    QueueDeclared,
     QueueDeleted,
     Record,
     Recovered,
     RetainedCleared,
-    RetainedSet,
     SessionDeleted,
-    SessionSaved,
+    Snapshot,
     Store,
     StoreError,
 )
 from broker.message import Message
 from cluster.lease import monotonic_clock
-from storage.memory import MemoryStore
-from storage.serial import SerialError, decode_properties, decode_record, decode_table, encode_record
+from storage.serial import SerialError, decode_record, encode_record
 
 log = logging.getLogger("polybroker.cluster.replication")
 
@@ -285,64 +277,20 @@ class ReplicationSettings:
 # --- Snapshots ------------------------------------------------------------------------------------
 
 
-class StoreSnapshot:
-    """A store's state at one point of its journal, as the records that rebuild it.
+def snapshot_batch(snapshot: Snapshot, max_bytes: int = FRAME_TARGET_BYTES) -> list[bytes] | None:
+    """The snapshot's next records, encoded (about `max_bytes`), or None at the end.
 
-    `next_batch` encodes the next records (about `max_bytes`), or returns None at the end. When
-    `blocking` is True it does I/O: call it from a worker thread (one call at a time).
+    When `snapshot.blocking` is True this does I/O: call it from a worker thread (one call at a time).
     """
-
-    def __init__(
-        self,
-        records: Iterator[Record],
-        next_msg_id: int,
-        *,
-        blocking: bool,
-        close: Callable[[], None] | None = None,
-    ) -> None:
-        self.next_msg_id = next_msg_id
-        self.blocking = blocking
-        self._records = records
-        self._close = close
-
-    def next_batch(self, max_bytes: int = FRAME_TARGET_BYTES) -> list[bytes] | None:
-        batch: list[bytes] = []
-        size = 0
-        for record in self._records:
-            data = encode_record(record)
-            batch.append(data)
-            size += len(data)
-            if size >= max_bytes:
-                break
-        return batch or None
-
-    def close(self) -> None:
-        if self._close is not None:
-            self._close()
-
-
-def records_of(
-    recovered: Recovered, load_messages: Callable[[Sequence[int]], list[Message]]
-) -> Iterator[Record]:
-    """Records that rebuild `recovered` in an empty store (bodies read with `load_messages`).
-
-    A message held by several queues of a vhost becomes one MessageEnqueued naming them all, so
-    its body is stored once; messages come in id order, which is each queue's enqueue order.
-    """
-    yield from recovered.exchanges
-    yield from recovered.queues
-    yield from recovered.bindings
-    holders: dict[int, dict[str, list[str]]] = {}
-    for (vhost, queue), ids in recovered.queue_messages.items():
-        for msg_id in ids:
-            holders.setdefault(msg_id, {}).setdefault(vhost, []).append(queue)
-    ordered = sorted(holders)
-    for start in range(0, len(ordered), 500):
-        for message in load_messages(ordered[start : start + 500]):
-            for vhost, queues in holders[message.msg_id].items():
-                yield MessageEnqueued(vhost, tuple(sorted(queues)), message, True)
-    yield from recovered.retained
-    yield from recovered.sessions
+    batch: list[bytes] = []
+    size = 0
+    for record in snapshot.records:
+        data = encode_record(record)
+        batch.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    return batch or None
 
 
 def clear_records(recovered: Recovered) -> list[Record]:
@@ -370,104 +318,6 @@ def high_water_record(next_msg_id: int) -> MessageEnqueued:
     even of one with no queue, and keeps nothing else for it.
     """
     return MessageEnqueued("", (), Message("", "", b"", msg_id=next_msg_id - 1), True)
-
-
-def memory_snapshot(store: MemoryStore) -> StoreSnapshot:
-    """The state of a MemoryStore now (everything appended so far)."""
-    recovered = store.snapshot()
-    records = list(records_of(recovered, store.load_messages))
-    return StoreSnapshot(iter(records), recovered.next_msg_id, blocking=False)
-
-
-# Until the Store port offers a snapshot, this reads the SQLite backend's tables (storage/sqlite.py
-# `_SCHEMA`, version 1) through a second, read-only connection.
-_SQL_EXCHANGES: Final = (
-    "SELECT vhost, name, type, auto_delete, internal, arguments FROM exchanges ORDER BY rowid"
-)
-_SQL_QUEUES: Final = "SELECT vhost, name, auto_delete, arguments FROM queues ORDER BY rowid"
-_SQL_BINDINGS: Final = "SELECT vhost, source, destination, destination_is_exchange, routing_key, arguments FROM bindings ORDER BY rowid"
-# Paged-out transient messages (durable = 0) are not recovered, so they are not in a snapshot.
-_SQL_MESSAGES: Final = (
-    "SELECT m.id, q.vhost, q.queue, m.exchange, m.routing_key, m.properties, m.body, m.expires_at, m.retain"
-    " FROM messages AS m JOIN queue_messages AS q ON q.msg_id = m.id WHERE m.durable = 1"
-    " ORDER BY m.id, q.vhost, q.queue"
-)
-_SQL_RETAINED: Final = (
-    "SELECT vhost, topic, msg_id, exchange, routing_key, properties, body, expires_at, retain"
-    " FROM retained ORDER BY rowid"
-)
-_SQL_SESSIONS: Final = "SELECT vhost, client_id, state FROM sessions ORDER BY rowid"
-_SQL_HIGH_WATER: Final = (
-    "SELECT (SELECT value FROM meta WHERE key = 'next_msg_id'),"
-    " (SELECT coalesce(max(id), 0) FROM messages), (SELECT coalesce(max(msg_id), 0) FROM retained)"
-)
-
-
-def sqlite_snapshot(store: Store, path: Path) -> StoreSnapshot:
-    """The state of the SqliteStore `store` (database file `path`) after everything appended so far.
-
-    Call on the store owner's thread: `flush()` makes everything appended durable, and the read
-    transaction opened right after sees exactly that (WAL readers keep their view while the
-    writer goes on), so the snapshot sits at the current sequence number. The rows are read later,
-    from a worker thread, in that same transaction.
-    """
-    store.flush()
-    try:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot read {path} for a snapshot: {exc}") from exc
-    try:
-        conn.execute("BEGIN")
-        high_water, max_message, max_retained = conn.execute(_SQL_HIGH_WATER).fetchone()
-    except sqlite3.Error as exc:
-        conn.close()
-        raise StoreError(f"cannot read {path} for a snapshot: {exc}") from exc
-    next_msg_id = max(high_water or 1, max_message + 1, max_retained + 1)
-    return StoreSnapshot(_sqlite_records(conn, path), next_msg_id, blocking=True, close=conn.close)
-
-
-def _sqlite_records(conn: sqlite3.Connection, path: Path) -> Iterator[Record]:
-    try:
-        for vhost, name, type_, auto_delete, internal, arguments in conn.execute(_SQL_EXCHANGES):
-            yield ExchangeDeclared(
-                vhost, name, type_, bool(auto_delete), bool(internal), decode_table(arguments)
-            )
-        for vhost, name, auto_delete, arguments in conn.execute(_SQL_QUEUES):
-            yield QueueDeclared(vhost, name, bool(auto_delete), decode_table(arguments))
-        for vhost, source, destination, to_exchange, key, arguments in conn.execute(_SQL_BINDINGS):
-            yield BindingAdded(vhost, source, destination, bool(to_exchange), key, decode_table(arguments))
-        current: tuple[int, str] | None = None
-        message: Message | None = None
-        queues: list[str] = []
-        for msg_id, vhost, queue, exchange, key, props, body, expires_at, retain in conn.execute(
-            _SQL_MESSAGES
-        ):
-            if current != (msg_id, vhost):
-                if message is not None and current is not None:
-                    yield MessageEnqueued(current[1], tuple(queues), message, True)
-                if current is None or current[0] != msg_id:
-                    message = Message(
-                        exchange, key, body, decode_properties(props), msg_id, expires_at, bool(retain)
-                    )
-                current = (msg_id, vhost)
-                queues = []
-            queues.append(queue)
-        if message is not None and current is not None:
-            yield MessageEnqueued(current[1], tuple(queues), message, True)
-        for vhost, topic, msg_id, exchange, key, props, body, expires_at, retain in conn.execute(
-            _SQL_RETAINED
-        ):
-            yield RetainedSet(
-                vhost,
-                topic,
-                Message(exchange, key, body, decode_properties(props), msg_id, expires_at, bool(retain)),
-            )
-        for vhost, client_id, state in conn.execute(_SQL_SESSIONS):
-            yield SessionSaved(vhost, client_id, state)
-    except (sqlite3.Error, SerialError) as exc:
-        raise StoreError(f"cannot read {path} for a snapshot: {exc}") from exc
 
 
 # --- The active's side ----------------------------------------------------------------------------
@@ -517,7 +367,6 @@ class ReplicatedStore(Store):
         *,
         epoch: int,
         peer: tuple[str, int],
-        snapshot: Callable[[], StoreSnapshot],
         lease_deadline: float,
         clock: Callable[[], float] = monotonic_clock,
         on_fenced: Callable[[str], None] | None = None,
@@ -527,7 +376,6 @@ class ReplicatedStore(Store):
         self._settings = settings
         self.epoch = epoch
         self._peer = peer
-        self._snapshot = snapshot
         self._lease_deadline = lease_deadline
         self._clock = clock
         self._on_fenced = on_fenced
@@ -602,6 +450,9 @@ class ReplicatedStore(Store):
 
     def load_messages(self, msg_ids: Sequence[int]) -> list[Message]:
         return self._inner.load_messages(msg_ids)
+
+    def snapshot(self) -> Snapshot:
+        return self._inner.snapshot()
 
     @property
     def pending_bytes(self) -> int:
@@ -860,7 +711,7 @@ class ReplicatedStore(Store):
     def _link_accepted(self, link: _ActiveLink) -> None:
         seq = self._seq
         try:
-            snapshot = self._snapshot()
+            snapshot = self._inner.snapshot()
         except StoreError as exc:
             link.abort(f"cannot snapshot the store: {exc}")
             return
@@ -876,18 +727,18 @@ class ReplicatedStore(Store):
         link.write(encode_frame(FrameType.SNAPSHOT_BEGIN, _U64.pack(seq)))
         self._spawn(self._send_snapshot(link, snapshot, seq))
 
-    async def _send_snapshot(self, link: _ActiveLink, snapshot: StoreSnapshot, seq: int) -> None:
+    async def _send_snapshot(self, link: _ActiveLink, snapshot: Snapshot, seq: int) -> None:
         loop = asyncio.get_running_loop()
         pending: asyncio.Future[list[bytes] | None] | None = None
         try:
             while link is self._link:
                 if snapshot.blocking:
-                    pending = loop.run_in_executor(None, snapshot.next_batch, FRAME_TARGET_BYTES)
+                    pending = loop.run_in_executor(None, snapshot_batch, snapshot)
                     # shield: if this task is cancelled the read goes on; `finally` closes after it.
                     batch = await asyncio.shield(pending)
                     pending = None
                 else:
-                    batch = snapshot.next_batch(FRAME_TARGET_BYTES)
+                    batch = snapshot_batch(snapshot)
                 if batch is None:
                     break
                 link.write(b"".join(_records_frame(_U32.pack(len(batch)), batch, FrameType.SNAPSHOT)))

@@ -3,7 +3,7 @@
 Every record is "durable" as soon as it is appended; nothing survives the process, so `open()`
 always returns an empty `Recovered`. It applies records with exactly the semantics of the SQLite
 backend, so paged-out bodies can be loaded back and are deleted with their last queue reference,
-and `snapshot()` returns what a persistent backend would recover at this point (the contract
+and `recoverable()` returns what a persistent backend would recover at this point (the contract
 tests in tests/storage/test_contract.py compare both backends through it).
 
 Must not import: asyncio, protocols, cluster, broker.core (only broker.message, broker.journal).
@@ -31,6 +31,7 @@ from broker.journal import (
     Schedule,
     SessionDeleted,
     SessionSaved,
+    Snapshot,
     Store,
     StoreError,
 )
@@ -183,7 +184,7 @@ class MemoryStore(Store):
         else:
             raise StoreError(f"memory store: not a record: {record!r}")
 
-    def snapshot(self) -> Recovered:
+    def recoverable(self) -> Recovered:
         """What a persistent backend would recover now (after a clean shutdown): durable topology,
         ids of durable messages per declared queue in enqueue order, retained messages, sessions."""
         transient = self._transient
@@ -203,6 +204,23 @@ class MemoryStore(Store):
             sessions=list(self._sessions.values()),
             next_msg_id=self._next_msg_id,
         )
+
+    def snapshot(self) -> Snapshot:
+        # Built whole now, since the dicts change with the next append; the Message objects are
+        # shared, as load_messages shares them.
+        recovered = self.recoverable()
+        records: list[Record] = [*recovered.exchanges, *recovered.queues, *recovered.bindings]
+        holders: dict[int, dict[str, list[str]]] = {}
+        for (vhost, queue), ids in recovered.queue_messages.items():
+            for msg_id in ids:
+                holders.setdefault(msg_id, {}).setdefault(vhost, []).append(queue)
+        messages = self._messages
+        for msg_id in sorted(holders):
+            for vhost, queues in sorted(holders[msg_id].items()):
+                records.append(MessageEnqueued(vhost, tuple(sorted(queues)), messages[msg_id]))
+        records += recovered.retained
+        records += recovered.sessions
+        return Snapshot(iter(records), recovered.next_msg_id)
 
     def when_durable(self, callback: Callable[[], None]) -> None:
         if self._closed:

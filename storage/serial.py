@@ -96,15 +96,9 @@ def _enc_str(value: str, field: str) -> bytes:
 
 
 def _dec_str(data: bytes, off: int, field: str) -> tuple[str, int]:
-    if off + 4 > len(data):
-        raise SerialError(f"{field}: truncated length")
-    (n,) = _U32.unpack_from(data, off)
-    off += 4
-    end = off + n
-    if end > len(data):
-        raise SerialError(f"{field}: length {n} exceeds the data")
+    raw, end = _dec_bytes(data, off, field)
     try:
-        return data[off:end].decode(_UTF8, _SURR), end
+        return raw.decode(_UTF8, _SURR), end
     except UnicodeDecodeError as exc:
         raise SerialError(f"{field}: invalid UTF-8 ({exc.reason})") from None
 

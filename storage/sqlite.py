@@ -26,7 +26,8 @@ deletes the body when no reference is left. A meta row keeps the high-water mark
 so that ids are never reused, even after every message was acknowledged. `open()` drops what
 must not survive a restart: paged-out transient messages (`durable = 0`) and references held by
 queues that are not declared durable. A `<database>.lock` file (flock) keeps a second process
-from opening the same store.
+from opening the same store. `snapshot()` reads the same tables through a second, read-only
+connection in one read transaction, which WAL keeps at its starting point while the writer goes on.
 
 Any error in the writer is logged and makes the store refuse further use (`append`, `flush`,
 `when_durable` raise StoreError): callbacks of unwritten records never fire, so no publisher is
@@ -44,7 +45,7 @@ import os
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -66,6 +67,7 @@ from broker.journal import (
     Schedule,
     SessionDeleted,
     SessionSaved,
+    Snapshot,
     Store,
     StoreError,
 )
@@ -170,6 +172,34 @@ _DELETE_QUEUE_REFS: Final = "DELETE FROM queue_messages WHERE vhost = ? AND queu
 _SELECT_MESSAGES: Final = (
     "SELECT id, exchange, routing_key, properties, body, expires_at, retain FROM messages WHERE id IN ({})"
 )
+# What recovery and snapshots read, in the order `open()` returns it (rowid: a redeclaration is a
+# replaced row, so it moves to the end, as it does in the memory backend).
+_SELECT_EXCHANGES: Final = (
+    "SELECT vhost, name, type, auto_delete, internal, arguments FROM exchanges ORDER BY rowid"
+)
+_SELECT_QUEUES: Final = "SELECT vhost, name, auto_delete, arguments FROM queues ORDER BY rowid"
+_SELECT_BINDINGS: Final = (
+    "SELECT vhost, source, destination, destination_is_exchange, routing_key, arguments"
+    " FROM bindings ORDER BY rowid"
+)
+_SELECT_RETAINED: Final = (
+    "SELECT vhost, topic, msg_id, exchange, routing_key, properties, body, expires_at, retain"
+    " FROM retained ORDER BY rowid"
+)
+_SELECT_SESSIONS: Final = "SELECT vhost, client_id, state FROM sessions ORDER BY rowid"
+_SELECT_NEXT_MSG_ID: Final = (
+    "SELECT max((SELECT value FROM meta WHERE key = 'next_msg_id'),"
+    " (SELECT coalesce(max(id), 0) + 1 FROM messages),"
+    " (SELECT coalesce(max(msg_id), 0) + 1 FROM retained), 1)"
+)
+# A snapshot holds what open() would recover: durable messages held by declared queues, each with
+# the queues that hold it, by id (= enqueue order).
+_SELECT_SNAPSHOT_MESSAGES: Final = (
+    "SELECT q.vhost, q.queue, m.id, m.exchange, m.routing_key, m.properties, m.body, m.expires_at, m.retain"
+    " FROM messages AS m JOIN queue_messages AS q ON q.msg_id = m.id"
+    " JOIN queues AS d ON d.vhost = q.vhost AND d.name = q.queue"
+    " WHERE m.durable = 1 ORDER BY m.id, q.vhost, q.queue"
+)
 #: Seconds between flush()'s checks that the writer has not failed meanwhile.
 _FLUSH_RECHECK: Final = 1.0
 #: Ids per SELECT in load_messages (SQLite's historic bound on host parameters is 999).
@@ -272,6 +302,51 @@ def _message_from_row(row: tuple[Any, ...]) -> Message:
     return Message(
         exchange, routing_key, body, decode_properties(properties), msg_id, expires_at, bool(retain)
     )
+
+
+def _exchanges(conn: sqlite3.Connection) -> Iterator[ExchangeDeclared]:
+    for vhost, name, type_, auto_delete, internal, arguments in conn.execute(_SELECT_EXCHANGES):
+        yield ExchangeDeclared(vhost, name, type_, bool(auto_delete), bool(internal), decode_table(arguments))
+
+
+def _queues(conn: sqlite3.Connection) -> Iterator[QueueDeclared]:
+    for vhost, name, auto_delete, arguments in conn.execute(_SELECT_QUEUES):
+        yield QueueDeclared(vhost, name, bool(auto_delete), decode_table(arguments))
+
+
+def _bindings(conn: sqlite3.Connection) -> Iterator[BindingAdded]:
+    for vhost, source, destination, to_exchange, routing_key, arguments in conn.execute(_SELECT_BINDINGS):
+        yield BindingAdded(
+            vhost, source, destination, bool(to_exchange), routing_key, decode_table(arguments)
+        )
+
+
+def _retained(conn: sqlite3.Connection) -> Iterator[RetainedSet]:
+    for vhost, topic, *row in conn.execute(_SELECT_RETAINED):
+        yield RetainedSet(vhost, topic, _message_from_row(row))
+
+
+def _sessions(conn: sqlite3.Connection) -> Iterator[SessionSaved]:
+    for vhost, client_id, state in conn.execute(_SELECT_SESSIONS):
+        yield SessionSaved(vhost, client_id, state)
+
+
+def _snapshot_messages(conn: sqlite3.Connection) -> Iterator[MessageEnqueued]:
+    """One MessageEnqueued per message and vhost, naming every queue of the vhost that holds it."""
+    message: Message | None = None
+    vhost_of = ""
+    held_by: list[str] = []
+    for vhost, queue, *row in conn.execute(_SELECT_SNAPSHOT_MESSAGES):
+        if message is None or message.msg_id != row[0] or vhost != vhost_of:
+            if message is not None:
+                yield MessageEnqueued(vhost_of, tuple(held_by), message)
+            if message is None or message.msg_id != row[0]:
+                message = _message_from_row(row)
+            vhost_of = vhost
+            held_by = []
+        held_by.append(queue)
+    if message is not None:
+        yield MessageEnqueued(vhost_of, tuple(held_by), message)
 
 
 class SqliteStore(Store):
@@ -402,25 +477,9 @@ class SqliteStore(Store):
 
     def _recover(self, conn: sqlite3.Connection) -> Recovered:
         recovered = Recovered()
-        recovered.exchanges = [
-            ExchangeDeclared(vhost, name, type_, bool(auto_delete), bool(internal), decode_table(arguments))
-            for vhost, name, type_, auto_delete, internal, arguments in conn.execute(
-                "SELECT vhost, name, type, auto_delete, internal, arguments FROM exchanges ORDER BY rowid"
-            )
-        ]
-        recovered.queues = [
-            QueueDeclared(vhost, name, bool(auto_delete), decode_table(arguments))
-            for vhost, name, auto_delete, arguments in conn.execute(
-                "SELECT vhost, name, auto_delete, arguments FROM queues ORDER BY rowid"
-            )
-        ]
-        recovered.bindings = [
-            BindingAdded(vhost, source, destination, bool(to_exchange), routing_key, decode_table(arguments))
-            for vhost, source, destination, to_exchange, routing_key, arguments in conn.execute(
-                "SELECT vhost, source, destination, destination_is_exchange, routing_key, arguments"
-                " FROM bindings ORDER BY rowid"
-            )
-        ]
+        recovered.exchanges = list(_exchanges(conn))
+        recovered.queues = list(_queues(conn))
+        recovered.bindings = list(_bindings(conn))
         queue_messages: dict[tuple[str, str], list[int]] = {}
         ids: list[int] = []
         current: tuple[str, str] | None = None
@@ -432,23 +491,9 @@ class SqliteStore(Store):
                 ids = queue_messages[current] = []
             ids.append(msg_id)
         recovered.queue_messages = queue_messages
-        recovered.retained = [
-            RetainedSet(vhost, topic, _message_from_row(row))
-            for vhost, topic, *row in conn.execute(
-                "SELECT vhost, topic, msg_id, exchange, routing_key, properties, body, expires_at, retain"
-                " FROM retained ORDER BY rowid"
-            )
-        ]
-        recovered.sessions = [
-            SessionSaved(vhost, client_id, state)
-            for vhost, client_id, state in conn.execute(
-                "SELECT vhost, client_id, state FROM sessions ORDER BY rowid"
-            )
-        ]
-        (high_water,) = conn.execute("SELECT value FROM meta WHERE key = 'next_msg_id'").fetchone()
-        (max_message,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
-        (max_retained,) = conn.execute("SELECT coalesce(max(msg_id), 0) FROM retained").fetchone()
-        recovered.next_msg_id = max(high_water, max_message + 1, max_retained + 1, 1)
+        recovered.retained = list(_retained(conn))
+        recovered.sessions = list(_sessions(conn))
+        (recovered.next_msg_id,) = conn.execute(_SELECT_NEXT_MSG_ID).fetchone()
         return recovered
 
     # --- the owner's side --------------------------------------------------------------------------
@@ -508,6 +553,39 @@ class SqliteStore(Store):
             except (sqlite3.Error, SerialError) as exc:
                 raise StoreError(f"{self._path}: cannot read messages: {exc}") from exc
         return [found[msg_id] for msg_id in msg_ids if msg_id in found]
+
+    def snapshot(self) -> Snapshot:
+        # flush() makes everything appended durable, and the read transaction begun right after
+        # sees exactly that and keeps that view while the writer goes on (WAL readers do), so the
+        # snapshot sits at this call however late its rows are read (from a worker thread).
+        self.flush()
+        try:
+            conn = sqlite3.connect(
+                f"{self._path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self._path} for a snapshot: {exc}") from exc
+        try:
+            conn.execute("BEGIN")
+            (next_msg_id,) = conn.execute(_SELECT_NEXT_MSG_ID).fetchone()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot read {self._path} for a snapshot: {exc}") from exc
+        return Snapshot(self._snapshot_records(conn), next_msg_id, blocking=True, close=conn.close)
+
+    def _snapshot_records(self, conn: sqlite3.Connection) -> Iterator[Record]:
+        try:
+            yield from _exchanges(conn)
+            yield from _queues(conn)
+            yield from _bindings(conn)
+            yield from _snapshot_messages(conn)
+            yield from _retained(conn)
+            yield from _sessions(conn)
+        except (sqlite3.Error, SerialError) as exc:
+            raise StoreError(f"cannot read {self._path} for a snapshot: {exc}") from exc
 
     @property
     def pending_bytes(self) -> int:

@@ -623,11 +623,9 @@ class AmqpChannel:
             raise method_error(PRECONDITION_FAILED, "reply consumer already set", method)
         session = self.session
         vhost = self.vhost
-        # The reserved amq. prefix keeps clients from declaring (or guessing into) these names, so the
-        # queue is made here rather than through declare_queue, which refuses that prefix.
+        # A reserved amq. name: clients can neither declare nor guess into it.
         name = vhost.server_named(DIRECT_REPLY_TO + ".g")
-        queue = vhost.make_queue(name, False, session, True, {})
-        vhost.queues[name] = queue
+        queue = vhost.declare_queue(name, exclusive_owner=session, auto_delete=True, reserved=True)
         cc = ChannelConsumer(self, tag, True)
         consumer = Consumer(tag, cc.deliver, no_ack=True, owner=session)
         consumer.on_cancel = cc.cancelled_by_broker

@@ -24,7 +24,7 @@ import math
 import struct
 from typing import Any, Final
 
-from broker.message import Message, Properties
+from broker.message import Message, Properties, header_text
 from broker.names import key_to_mqtt_topic, mqtt_topic_to_key
 from protocols.mqtt.packets import Properties as MqttProperties
 
@@ -139,30 +139,12 @@ def publish_property_content(message: Message, now: float) -> bytes:
         key = _string(name)
         if key is None:
             continue
-        for item in value if isinstance(value, list) else (value,):
-            text = _header_text(item)
+        for item in value if isinstance(value, list | tuple) else (value,):
+            text = header_text(item)
             field = None if text is None else _string(text)
             if field is not None:
                 parts.append(b"\x26" + key + field)
     return b"".join(parts)
-
-
-def _header_text(value: Any) -> str | None:
-    """A header value as User Property text: strings as they are, numbers and booleans as text (booleans
-    in AMQP's and JSON's spelling), bytes when they are UTF-8; None (left out) for what has no text form
-    (tables, void, non-UTF-8 bytes)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return None
-    if value is None or isinstance(value, dict | list):
-        return None
-    return str(value)
 
 
 def _utf8(text: str) -> bytes | None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from broker.message import EMPTY_PROPERTIES, PERSISTENT, Properties
+from broker.message import EMPTY_PROPERTIES, PERSISTENT, Properties, header_text
 from protocols.stomp.codec import Headers, encode_headers
 from protocols.stomp.destinations import reply_to_for_delivery
 
@@ -141,22 +141,6 @@ def properties_from_headers(headers: Mapping[str, str], reply_to: str | None, no
     return props
 
 
-def _header_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        # Not str(True): STOMP headers spell booleans in lower case (persistent:true), as RabbitMQ does.
-        return "true" if value else "false"
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:  # STOMP 1.2 "Value Encoding": headers are UTF-8 text
-            return None
-    if value is None or isinstance(value, list | dict | tuple):
-        return None
-    return str(value)
-
-
 def headers_from_properties(props: Properties, expires_ms: int | None = None) -> Headers:
     """MESSAGE header entries for `props` (see the module docstring). `expires_ms`: the absolute expiry
     time (epoch ms) to send as ActiveMQ's `expires`, when the message has one."""
@@ -189,7 +173,7 @@ def headers_from_properties(props: Properties, expires_ms: int | None = None) ->
         items.append(("user-id", props.user_id))
     if props.headers:
         for name, value in props.headers.items():
-            text = _header_text(value)
+            text = header_text(value)
             if text is not None and name and name not in FRAME_HEADERS:
                 items.append((name, text))
     return items

@@ -208,13 +208,6 @@ class WebSocketDriver(BaseDriver):
             # Not even an HTTP request: websockets closes without an answer.
             self._refuse(f"invalid WebSocket handshake: {ws.handshake_exc}")
 
-    def eof_received(self) -> bool | None:
-        self._set_reason("closed by peer")
-        if self._state is DriverState.OPEN:
-            self._flush()
-            self._state = DriverState.CLOSING
-        return None
-
     # -- Internals --------------------------------------------------------------------------------
 
     def _accepted(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from broker.core import Broker
@@ -173,6 +175,45 @@ def test_max_length_bytes(broker: Broker) -> None:
     assert broker.messages_dropped == 1
 
 
+def test_drops_without_dead_letter_exchange_are_all_counted_and_logged_once_per_queue_per_second(
+    broker: Broker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    vh = broker.vhost("/")
+    vh.declare_queue("q", arguments={"x-max-length": 1})
+    vh.declare_queue("r", arguments={"x-max-length": 1})
+    caplog.set_level(logging.INFO, logger="polybroker.core")
+
+    def lines() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    publish_n(broker, "q", 6)  # drops 5: the first is logged, the other 4 held back
+    publish_n(broker, "r", 2)  # another queue has its own line
+    assert broker.messages_dropped == 6
+    assert lines() == [
+        "queue 'q' in vhost '/' dropped 1 message(s) (maxlen: 1)",
+        "queue 'r' in vhost '/' dropped 1 message(s) (maxlen: 1)",
+    ]
+    clock.advance(0.5)
+    publish_n(broker, "q", 3)
+    assert broker.messages_dropped == 9 and lines() == []
+    clock.advance(0.5)  # a second after the last line: the next drop logs everything since
+    publish_n(broker, "q", 1)
+    assert lines() == ["queue 'q' in vhost '/' dropped 8 message(s) (maxlen: 8)"]
+
+    clock.advance(0.25)
+    publish_n(broker, "q", 2)
+    broker.tick()
+    assert broker.messages_dropped == 12 and lines() == []
+    clock.advance(0.75)  # what was held back is logged by the periodic tick, without a new drop
+    broker.tick()
+    assert lines() == ["queue 'q' in vhost '/' dropped 2 message(s) (maxlen: 2)"]
+    clock.advance(5)
+    broker.tick()
+    assert lines() == []
+
+
 def test_reject_publish_overflow_refuses_new_messages(broker: Broker) -> None:
     vh = broker.vhost("/")
     q = vh.declare_queue("q", arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
@@ -226,6 +267,19 @@ def test_exclusive_queue_belongs_to_its_connection(broker: Broker) -> None:
         vh.declare_queue("ex", owner=conn_b)
     vh.release_owner(conn_a)
     assert "ex" not in vh.queues
+
+
+def test_amq_prefix_is_refused_to_clients_and_allowed_for_reserved_queues(broker: Broker) -> None:
+    vh = broker.vhost("/")
+    with pytest.raises(AccessRefused, match="reserved prefix"):
+        vh.declare_queue("amq.rabbitmq.reply-to.g1")
+    assert "amq.rabbitmq.reply-to.g1" not in vh.queues
+    conn = object()
+    q = vh.declare_queue("amq.rabbitmq.reply-to.g1", exclusive_owner=conn, auto_delete=True, reserved=True)
+    assert vh.queue("amq.rabbitmq.reply-to.g1", owner=conn) is q
+    assert (q.exclusive_owner, q.auto_delete, q.durable) == (conn, True, False)
+    with pytest.raises(ResourceLocked):
+        vh.declare_queue("amq.rabbitmq.reply-to.g1", passive=True, owner=object())
 
 
 def test_auto_delete_queue_goes_with_its_last_consumer(broker: Broker) -> None:

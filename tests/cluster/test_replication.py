@@ -11,7 +11,6 @@ import math
 import ssl
 import struct
 from collections.abc import Callable, Coroutine, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from broker.journal import (
     RetainedSet,
     Schedule,
     SessionSaved,
+    Snapshot,
     Store,
     StoreError,
 )
@@ -46,12 +46,10 @@ from cluster.replication import (
     ReplicatedStore,
     ReplicationReceiver,
     ReplicationSettings,
-    StoreSnapshot,
     SyncState,
     decode_records,
     encode_frame,
-    memory_snapshot,
-    sqlite_snapshot,
+    snapshot_batch,
 )
 from storage.memory import MemoryStore
 from storage.serial import encode_record
@@ -187,12 +185,6 @@ class Pair:
     ) -> ReplicatedStore:
         if inner is None:
             inner = SqliteStore(self.active_path, self.loop.call_soon_threadsafe, "OFF")
-        snapshot: Callable[[], StoreSnapshot]
-        if isinstance(inner, SqliteStore):
-            snapshot = partial(sqlite_snapshot, inner, self.active_path)
-        else:
-            assert isinstance(inner, MemoryStore)
-            snapshot = partial(memory_snapshot, inner)
 
         async def before_alone() -> None:
             self.events.append("lease: no standby in sync")
@@ -202,7 +194,6 @@ class Pair:
             settings("active", secret, sync_timeout, tls),
             epoch=epoch,
             peer=(LOOPBACK, self.port),
-            snapshot=snapshot,
             lease_deadline=lease_deadline,
             on_fenced=self.fenced.append,
             before_alone=before_alone,
@@ -769,13 +760,13 @@ def test_snapshots_of_both_backends_hold_the_same_records(tmp_path: Path) -> Non
         memory.append(record)
         sqlite.append(record)
 
-    def drain(snapshot: StoreSnapshot) -> Iterator[bytes]:
-        while (batch := snapshot.next_batch(256)) is not None:
+    def drain(snapshot: Snapshot) -> Iterator[bytes]:
+        while (batch := snapshot_batch(snapshot, 256)) is not None:
             yield from batch
         snapshot.close()
 
-    from_memory = memory_snapshot(memory)
-    from_sqlite = sqlite_snapshot(sqlite, tmp_path / "s.sqlite3")
+    from_memory = memory.snapshot()
+    from_sqlite = sqlite.snapshot()
     assert from_memory.next_msg_id == from_sqlite.next_msg_id == 58
     assert sorted(drain(from_memory)) == sorted(drain(from_sqlite))
     sqlite.close()

@@ -3,7 +3,7 @@
 As in nats-server's store tests, each test takes a `harness` parametrized over the backends.
 `harness.restart()` is "the broker stops and starts again": the SQLite store is closed and
 reopened on the same file; the memory store cannot survive a restart, so it returns the
-`snapshot()` of what a persistent backend would recover at that point, which compares the two
+`recoverable()` state a persistent backend would recover at that point, which compares the two
 backends' semantics record for record.
 
 Callbacks are scheduled onto a queue and run on the test thread (`harness.run_callbacks`),
@@ -31,6 +31,7 @@ from broker.journal import (
     QueueDeclared,
     QueueDeleted,
     QueuePurged,
+    Record,
     Recovered,
     RetainedCleared,
     RetainedSet,
@@ -65,7 +66,7 @@ class Harness:
     def restart(self) -> Recovered:
         if isinstance(self.store, MemoryStore):
             self.store.flush()
-            return self.store.snapshot()
+            return self.store.recoverable()
         self.store.close()
         self.store = self._make()
         self.recovered = self.store.open()
@@ -445,6 +446,69 @@ def test_sessions_saved_replaced_and_deleted(harness: Harness) -> None:
     assert harness.restart().sessions == [
         SessionSaved("vh", "client-1", b"other vhost"),
         SessionSaved("/", "client-2", b"back"),
+    ]
+
+
+# --- snapshots ------------------------------------------------------------------------------------
+
+
+def comparable(record: Record) -> object:
+    """A record with its message as field values (Message has no equality)."""
+    if isinstance(record, (MessageEnqueued, RetainedSet)):
+        m = record.message
+        fields = (m.msg_id, m.exchange, m.routing_key, bytes(m.body), m.properties, m.expires_at, m.retain)
+        if isinstance(record, RetainedSet):
+            return ("retained", record.vhost, record.topic, fields)
+        return ("enqueued", record.vhost, record.queues, fields, record.durable)
+    return record
+
+
+def test_snapshot_is_the_state_at_the_call_and_stays_readable_while_the_store_goes_on(
+    harness: Harness,
+) -> None:
+    s = harness.store
+    s.append(ExchangeDeclared("/", "logs", "topic"))
+    declare(s, "/", "q1", "q2")
+    declare(s, "vh", "q1")
+    s.append(BindingAdded("/", "logs", "q1", False, "a.*", {"k": 1}))
+    s.append(MessageEnqueued("/", ("q1", "q2"), msg(1)))
+    s.append(MessageEnqueued("/", ("transient",), msg(1), durable=False))  # not a durable queue's
+    s.append(MessageEnqueued("vh", ("q1",), msg(2)))
+    s.append(MessageEnqueued("/", ("q2",), msg(3)))
+    s.append(MessageRemoved("/", "q2", 3))
+    s.append(MessageEnqueued("/", ("q2",), msg(4, properties=Properties()), durable=False))  # paged out
+    s.append(RetainedSet("/", "a.b", msg(5, retain=True)))
+    s.append(SessionSaved("/", "c1", b"state"))
+    s.append(MessageEnqueued("/", (), msg(9)))  # routed nowhere durable: only the next id moves
+
+    snapshot = s.snapshot()
+    # The store goes on; nothing of this is in the snapshot, read only afterwards.
+    s.append(MessageRemoved("/", "q1", 1))
+    s.append(QueueDeleted("/", "q2"))
+    s.append(MessageEnqueued("/", ("q1",), msg(10)))
+    s.append(RetainedCleared("/", "a.b"))
+    s.append(SessionDeleted("/", "c1"))
+    s.append(ExchangeDeleted("/", "logs"))
+    s.flush()
+    try:
+        records = [comparable(record) for record in snapshot.records]
+    finally:
+        snapshot.close()
+
+    assert snapshot.next_msg_id == 10
+    assert records == [
+        comparable(record)
+        for record in (
+            ExchangeDeclared("/", "logs", "topic"),
+            QueueDeclared("/", "q1"),
+            QueueDeclared("/", "q2"),
+            QueueDeclared("vh", "q1"),
+            BindingAdded("/", "logs", "q1", False, "a.*", {"k": 1}),
+            MessageEnqueued("/", ("q1", "q2"), msg(1)),  # one record, its body once
+            MessageEnqueued("vh", ("q1",), msg(2)),
+            RetainedSet("/", "a.b", msg(5, retain=True)),
+            SessionSaved("/", "c1", b"state"),
+        )
     ]
 
 

@@ -1,10 +1,10 @@
 """Tests of the AMQP 0-9-1 session (protocols/amqp091/session.py and channel.py) without sockets.
 
-A `FakeConnection` stands in for the driver (writes collected, timers on a hand-driven clock) and the
-real core runs over `MemoryStore`, whose `when_durable` callbacks a test may hold back to check that
-persistent messages are confirmed only once durable (DESIGN.md §5). A `Client` encodes what a client
-sends with the codec's encoders and decodes what the session wrote with the codec's parser and content
-assembler, so every assertion is about frames on the wire.
+A `FakeConnection` (tests/protocols/fakes.py) stands in for the driver (writes collected, timers on a
+hand-driven clock) and the real core runs over `MemoryStore`, whose `when_durable` callbacks a test may
+hold back to check that persistent messages are confirmed only once durable (DESIGN.md §5). A `Client`
+encodes what a client sends with the codec's encoders and decodes what the session wrote with the codec's
+parser and content assembler, so every assertion is about frames on the wire.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from protocols.amqp091.codec import (
 from protocols.amqp091.fieldtable import encode_table
 from protocols.amqp091.session import CAPABILITIES, AmqpSession
 from storage.memory import MemoryStore
+from tests.protocols.fakes import FakeConnection
 
 FRAME_MAX = 131072
 CLIENT_CAPABILITIES: dict[str, Any] = {
@@ -48,74 +49,6 @@ CLIENT_CAPABILITIES: dict[str, Any] = {
 
 
 # --- fakes ----------------------------------------------------------------------------------------
-
-
-class FakeTimer:
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeConnection:
-    """`protocols.session.Connection` for one session, with a clock the test advances."""
-
-    transport_name = "tcp"
-    subprotocol = None
-
-    def __init__(self, is_loopback: bool = True) -> None:
-        self.peer = "127.0.0.1:50000" if is_loopback else "10.0.0.9:50000"
-        self.is_loopback = is_loopback
-        self.out = bytearray()
-        self.closed = False
-        self.reading_paused = False
-        self.clock = 0.0
-        self.timers: list[FakeTimer] = []
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        self.reading_paused = True
-
-    def resume_reading(self) -> None:
-        self.reading_paused = False
-
-    @property
-    def writable(self) -> bool:
-        return True
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
-        timer = FakeTimer(self.clock + delay, callback)
-        self.timers.append(timer)
-        return timer
-
-    def now(self) -> float:
-        return self.clock
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock, running due timers in order (as the driver does, not after close)."""
-        end = self.clock + seconds
-        while True:
-            due = [t for t in self.timers if not t.cancelled and t.when <= end]
-            if not due:
-                break
-            timer = min(due, key=lambda t: t.when)
-            self.timers.remove(timer)
-            self.clock = timer.when
-            if not self.closed:
-                timer.callback()
-        self.clock = end
 
 
 class Durability:

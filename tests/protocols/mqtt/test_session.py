@@ -1197,7 +1197,7 @@ def test_persistent_session_state_is_saved_with_the_store(harness: Harness) -> N
     state = SessionState.decode(raw)
     assert list(state.subscriptions) == ["cmd/#"]
     assert state.disconnected_at is not None
-    assert harness.store.snapshot().sessions[0].state == raw
+    assert harness.store.recoverable().sessions[0].state == raw
 
 
 def test_clean_start_discards_the_earlier_session_MQTT_3_1_2_4(harness: Harness) -> None:
