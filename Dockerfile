@@ -1,4 +1,4 @@
-# polybroker container image: every listener of DESIGN.md §2, data in /data, config from the
+# polybroker container image: every listener of the README's port table, data in /data, config from the
 # environment (POLYBROKER_<SECTION>_<KEY>). guest/guest only works from loopback, so give the
 # first user with POLYBROKER_DEFAULT_USER / POLYBROKER_DEFAULT_PASS.
 FROM python:3.11-slim

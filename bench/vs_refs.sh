@@ -5,11 +5,11 @@
 #   WORKLOADS  comma-separated workload names of the harness (e.g. stomp-queue-auto,mqtt-qos0-fanin)
 #   TARGETS    reference brokers to run beside ours (default: "rabbitmq")
 #   SIZES      payload sizes (default: 16); REPS repetitions (default: 3)
-# env: BENCH (the harness folder, default ../shared/bench), BENCH_STATE (its state dir).
+# env: BENCH (the harness folder: run.py, summarize.py, loadgen), BENCH_STATE (its state dir).
 # Prints the summary table; raw results go to $BENCH_STATE/results/ours-<stamp>.jsonl.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-BENCH=${BENCH:-$here/../shared/bench}
+BENCH=${BENCH:?set BENCH to the folder of the load-generator harness (run.py, summarize.py)}
 export BENCH_STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/polybroker-bench}
 workloads=${1:?usage: vs_refs.sh WORKLOADS [TARGETS] [SIZES] [REPS]}
 targets=${2:-rabbitmq}

@@ -2,8 +2,8 @@
 
 `hash_password` / `verify_password` implement the one stored format,
 ``scrypt$N$r$p$salt_b64$hash_b64`` (hashlib.scrypt, N=2**14, r=8, p=1, 16-byte salt, 32-byte hash).
-`Authenticator` answers "may this login open this vhost?" for every protocol session; the rules are
-DESIGN.md §2's:
+`Authenticator` answers "may this login open this vhost?" for every protocol session; the rules
+(README, Quick start per protocol):
 
 - a client that sends no username is the default user when ``[server] allow_anonymous`` is on
   (RabbitMQ's MQTT and STOMP plugins do the same), so it gets exactly the default user's rights;

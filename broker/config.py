@@ -1,7 +1,7 @@
 """The broker's configuration: typed, frozen dataclasses loaded from one TOML file and the environment.
 
 One dataclass per TOML section (`ServerConfig` is ``[server]``, ...), gathered in `Config`. Values come,
-in rising precedence, from the defaults below (DESIGN.md §2), the TOML file, environment variables
+in rising precedence, from the defaults below (README, Configuration), the TOML file, environment variables
 ``POLYBROKER_<SECTION>_<KEY>`` (``POLYBROKER_LIMITS_MAX_CONNECTIONS=5000``; text parsed by the field's
 type: integers, floats, booleans true/false/1/0/yes/no/on/off, comma-separated lists) and the command
 line. ``POLYBROKER_DATA_DIR`` is an alias of ``POLYBROKER_STORE_DATA_DIR`` (the latter wins), and
@@ -223,7 +223,7 @@ class ListenerProtocol(enum.Enum):
     MQTT = "mqtt"
     AMQP = "amqp"
     STOMP = "stomp"
-    WEBSOCKET = "ws"  # MQTT or STOMP over WebSocket, chosen per connection (DESIGN.md §2)
+    WEBSOCKET = "ws"  # MQTT or STOMP over WebSocket, chosen per connection (README, Configuration)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The broker core: virtual hosts, their exchanges, queues and bindings, publishing and recovery.
 
-Synchronous and I/O-free (DESIGN.md §6): protocol sessions call it, it calls back consumers'
+Synchronous and I/O-free (docs/architecture.md): protocol sessions call it, it calls back consumers'
 `deliver`, and it describes every change to durable state as a journal record handed to the
 store port. Time comes from an injected clock; `Broker.tick()` runs expiry and is called
 periodically by the composition root.
@@ -8,7 +8,7 @@ periodically by the composition root.
 Publishing in short: `VHost.publish` routes the message through the exchange graph to a set of
 queues, journals it once (body stored once) if it is persistent and any of those queues is
 durable, and enqueues it. The caller learns from the `PublishResult` whether it must wait for
-the store (`store.when_durable`) before confirming to the publisher (DESIGN.md §5).
+the store (`store.when_durable`) before confirming to the publisher (README, Guarantees).
 
 Must not import: asyncio, protocols, storage backends (only the port, broker.journal), cluster.
 """
@@ -52,7 +52,7 @@ log = logging.getLogger("polybroker.core")
 DROP_LOG_INTERVAL: Final = 1.0
 
 DEFAULT_VHOST = "/"
-#: Exchanges every vhost has (DESIGN.md §3).
+#: Exchanges every vhost has (README, Names across protocols).
 PREDECLARED = (
     ("", "direct"),
     ("amq.direct", "direct"),
@@ -190,7 +190,7 @@ class _Drops:
 
 
 class VHost:
-    """A namespace of exchanges, queues and bindings (DESIGN.md §3). Implements QueueOwner."""
+    """A namespace of exchanges, queues and bindings (README, Names across protocols). Implements QueueOwner."""
 
     def __init__(self, broker: Broker, name: str) -> None:
         self.broker = broker
@@ -230,7 +230,7 @@ class VHost:
 
         Adds RabbitMQ's `x-death` history and drops the per-message TTL, as RabbitMQ does, so
         an expired message does not expire again at once. Without a dead-letter exchange a
-        limit-forced drop is counted and logged (DESIGN.md §5), at most one line per queue per
+        limit-forced drop is counted and logged (README, Guarantees), at most one line per queue per
         DROP_LOG_INTERVAL.
         """
         broker = self.broker

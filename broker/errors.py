@@ -1,6 +1,6 @@
 """Errors the core raises when a client asks for something it may not have.
 
-The codes are AMQP 0-9-1's reply codes (the core's model is AMQP's, DESIGN.md §3); each protocol
+The codes are AMQP 0-9-1's reply codes (the core's model is AMQP's, README, Names across protocols); each protocol
 session maps them to its own error (AMQP channel close, STOMP ERROR frame, MQTT reason code).
 
 Must not import: anything outside the standard library.

@@ -3,14 +3,14 @@
 The core describes every change to durable state as a `Record` and hands it to `Store.append`.
 The store writes records in order, in group commits (many records, one fsync), and tells its
 owner when everything appended so far is durable (`when_durable`). Publishers are confirmed from
-that callback only (DESIGN.md §5). Replication (cluster/) wraps a Store and forwards the same
+that callback only (README, Guarantees). Replication (cluster/) wraps a Store and forwards the same
 records to the standby, so the core never knows it is replicated.
 
 Callbacks run on the owner's thread: the store is given a `schedule` function at construction
 (the composition root passes `loop.call_soon_threadsafe`; tests pass something synchronous).
 
 The port lives in the core (storage/ implements it, cluster/ wraps it), so that dependencies
-point one way: protocols -> broker <- storage (DESIGN.md §6).
+point one way: protocols -> broker <- storage (docs/architecture.md).
 
 Must not import: asyncio, protocols, storage, cluster, broker.core (only broker.message).
 """

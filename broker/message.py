@@ -1,7 +1,7 @@
 """The protocol-neutral message: body, properties, and where it was published.
 
 Every protocol adapter converts its wire message into a `Message` once at ingress and converts
-back once at egress (DESIGN.md §3/§4). The property names are AMQP 0-9-1's basic properties,
+back once at egress (README, Names across protocols). The property names are AMQP 0-9-1's basic properties,
 because AMQP's model is the core's model.
 
 Must not import: asyncio, protocols, storage, cluster.

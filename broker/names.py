@@ -1,4 +1,4 @@
-"""Cross-protocol names: MQTT topics and filters <-> the core's routing keys (DESIGN.md §4).
+"""Cross-protocol names: MQTT topics and filters <-> the core's routing keys (README, Names across protocols).
 
 The core's model is AMQP's, so a topic is held as an AMQP routing key: its levels joined by
 `.`. MQTT separates levels with `/`. A level may contain the other protocol's separator, so

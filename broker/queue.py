@@ -9,7 +9,7 @@ of `_ready` to the next consumer with credit, round-robin, until one of the two 
 delivery that needs an ack stays in the consumer's `unacked` count until `ack` or `reject`;
 a requeued entry goes back to the head so it keeps its place as far as possible.
 
-Queue depth is not bounded by RAM (DESIGN.md §5): past `page_out_threshold` entries, new
+Queue depth is not bounded by RAM (README, Guarantees): past `page_out_threshold` entries, new
 messages are written to the store and only their ids stay in `_paged`; they are read back in
 batches as the head drains. Order is kept because nothing joins `_ready` while `_paged` has
 ids.
@@ -97,7 +97,7 @@ class Consumer:
 
     `prefetch` is the credit: how many unacked deliveries it may hold (0 = unlimited; ignored
     when `no_ack`). `blocked` is set by the session while its connection cannot take more
-    writes; the queue then delivers to others (DESIGN.md §6, flow control).
+    writes; the queue then delivers to others (docs/architecture.md, flow control).
     """
 
     __slots__ = (

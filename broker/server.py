@@ -1,6 +1,6 @@
 """The composition root: config -> store -> core -> protocol sessions -> listeners, and shutdown.
 
-The only module that imports protocols, storage backends and cluster together (DESIGN.md §6).
+The only module that imports protocols, storage backends and cluster together (docs/architecture.md).
 `serve(config)` runs the broker until SIGTERM/SIGINT and returns the process exit code; a
 start-up problem (port in use, unusable data dir) raises `StartupError` with one clear line.
 """

@@ -6,7 +6,7 @@
 - `cluster.node`: `HaNode`, the role state machine the composition root drives.
 - `cluster.status`: `polybroker ha status`.
 
-Dependencies point one way (DESIGN.md §6): cluster imports storage and broker.config, never
+Dependencies point one way (docs/architecture.md): cluster imports storage and broker.config, never
 protocols or broker.core.
 
 Must not import: protocols, broker.core.

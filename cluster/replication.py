@@ -1,7 +1,7 @@
 """Replication of the store's journal from the active node to the standby.
 
 `ReplicatedStore` wraps the active node's `Store` and implements the same port, so the core never
-knows it is replicated (like Artemis's ReplicatedJournal, DESIGN.md §6): every record goes to the
+knows it is replicated (like Artemis's ReplicatedJournal, docs/architecture.md): every record goes to the
 inner store and, in order, to the standby. `ReplicationReceiver` is the standby's side: it
 applies the records to the standby's own store and acknowledges them once they are durable there.
 

@@ -25,7 +25,7 @@ class Connection(Protocol):
 
     #: "host:port" of the peer, for logs.
     peer: str
-    #: True when the peer is on a loopback address (the default user's rule, DESIGN.md §2).
+    #: True when the peer is on a loopback address (the default user's rule, README, Configuration).
     is_loopback: bool
     #: "tcp", "tls", "ws" or "wss".
     transport_name: str

@@ -353,7 +353,7 @@ class SqliteStore(Store):
     """A Store in one SQLite database file (WAL mode), written by one group-committing thread.
 
     `synchronous` is SQLite's PRAGMA synchronous: FULL (the default) fsyncs the WAL on every
-    commit, which is what "confirmed = on disk" (DESIGN.md §5) needs; NORMAL and OFF exist for
+    commit, which is what "confirmed = on disk" (README, Guarantees) needs; NORMAL and OFF exist for
     benchmarks and tests that measure something else.
     """
 

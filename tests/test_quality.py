@@ -1,7 +1,7 @@
 """The codebase's own rules, checked in the normal test run: lint, types, layering.
 
 ruff (style and bugs) over everything, mypy over the core, the store and the codecs, and the
-import-linter contracts of pyproject.toml (the layering of DESIGN.md §6).
+import-linter contracts of pyproject.toml (the layering of docs/architecture.md).
 """
 
 from __future__ import annotations

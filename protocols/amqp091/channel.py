@@ -15,7 +15,7 @@ inside some session's publish). It numbers the delivery with the channel's next 
 
 Publisher confirms (RabbitMQ's extension, "confirm.select"): each publish on a confirming channel gets
 the next sequence number. The session calls `end_batch` once per received chunk: if a message of the
-batch was journaled (`PublishResult.needs_sync`, DESIGN.md §5) or an earlier batch still waits for the
+batch was journaled (`PublishResult.needs_sync`, README, Guarantees) or an earlier batch still waits for the
 store, ONE `when_durable` callback confirms the whole batch; otherwise it is confirmed at once. The
 store runs callbacks in registration order, so confirms go out in order, as one `basic.ack multiple`
 per batch, with `basic.nack` for the (rare) messages an `x-overflow=reject-publish` queue refused.
@@ -733,7 +733,7 @@ class AmqpChannel:
         if publishes:
             self.session.published = True
         if needs_sync:
-            # DESIGN.md §5: a committed persistent message is on disk before commit-ok.
+            # README, Guarantees: a committed persistent message is on disk before commit-ok.
             self.durable_waits += 1
             self.session.context.broker.when_durable(self._commit_durable)
         else:
@@ -776,7 +776,7 @@ class AmqpChannel:
                 queue.remove_consumer(cc.consumer)
 
     def requeue_unacked(self) -> None:
-        """Return every unsettled delivery to its queue, flagged redelivered (DESIGN.md §5)."""
+        """Return every unsettled delivery to its queue, flagged redelivered (README, Guarantees)."""
         entries = list(self.unacked.values())
         entries.extend((queue, entry) for queue, entry, _, _ in self.tx_settles)
         self.unacked.clear()

@@ -1,4 +1,4 @@
-"""MQTT PUBLISH <-> the core's protocol-neutral `Properties` (DESIGN.md §4, docs/sessions.md table).
+"""MQTT PUBLISH <-> the core's protocol-neutral `Properties` (README, Names across protocols, docs/sessions.md table).
 
 Ingress (`core_properties`): QoS 0 / QoS >= 1 become delivery_mode 1 / 2 and the QoS is kept in the
 header `x-mqtt-publish-qos` (as RabbitMQ does); the 5.0 properties map to content_type, correlation_id

@@ -29,7 +29,7 @@ from typing import Final
 from broker.core import VHost
 from broker.message import Message
 
-#: The exchange MQTT topics live on (DESIGN.md §4).
+#: The exchange MQTT topics live on (README, Names across protocols).
 TOPIC_EXCHANGE: Final = "amq.topic"
 SESSION_QUEUE_PREFIX: Final = "mqtt-session-"
 SHARED_QUEUE_PREFIX: Final = "mqtt-shared-"

@@ -14,7 +14,7 @@ Decisions a client can observe:
   gets CONNACK 0x8C. A second connection with the same Client Identifier (in the same vhost) takes
   the session over: the first is closed, with DISCONNECT 0x8E on 5.0 [MQTT-3.1.4-3].
 - Sessions: each client's subscriptions feed one queue of the core, `mqtt-session-<client id>`, bound
-  to amq.topic with each filter converted by broker.names (DESIGN.md §4). A persistent session (3.1.1
+  to amq.topic with each filter converted by broker.names (README, Names across protocols). A persistent session (3.1.1
   Clean Session 0, 5.0 Session Expiry Interval > 0) has a durable queue, which keeps collecting QoS >= 1
   messages while the client is away and across broker restarts; its Session State (state.py) is
   journaled with `VHost.save_session`. A 5.0 session expires through the queue's `x-expires` and the
@@ -30,7 +30,7 @@ Decisions a client can observe:
   the connection goes away and are sent again on reconnect with DUP set and, when known, their original
   Packet Identifier [MQTT-4.4.0-1].
 - PUBACK / PUBREC to a publisher are sent only after the message is durable when it went to a durable
-  queue (DESIGN.md §5). An inbound QoS 2 message is published on first receipt and its Packet
+  queue (README, Guarantees). An inbound QoS 2 message is published on first receipt and its Packet
   Identifier is remembered until PUBREL, so a re-sent PUBLISH is not delivered twice.
 - Retained messages (also delayed retained Will Messages, retained.py) are delivered on SUBSCRIBE per
   Retain Handling, also to wildcard filters; an empty retained PUBLISH clears the topic.

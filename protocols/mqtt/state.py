@@ -2,7 +2,7 @@
 
 A persistent session (3.1.1 Clean Session 0, or 5.0 Session Expiry Interval > 0) outlives its
 Network Connection. Its messages wait in a durable queue of the core; everything else the spec puts
-in the Server's Session State lives here, as plain data (DESIGN.md §6: never on a suspended
+in the Server's Session State lives here, as plain data (docs/architecture.md: never on a suspended
 coroutine), so that it can be journaled with `VHost.save_session` and recovered after a restart:
 
 - the subscriptions, with their options and Subscription Identifier;

@@ -1,4 +1,4 @@
-"""STOMP destination names <-> the core's exchanges, queues and routing keys (DESIGN.md §4).
+"""STOMP destination names <-> the core's exchanges, queues and routing keys (README, Names across protocols).
 
 A destination header is parsed once into a `Destination` (its kind and names); the session decides what
 to declare, bind or check. The forms, as RabbitMQ's STOMP plugin spells them:

@@ -1,6 +1,6 @@
 """STOMP frame headers <-> the neutral `broker.message.Properties`, and queue arguments from headers.
 
-The table is DESIGN.md §4 / docs/sessions.md "Names and properties across protocols":
+The table is README, Names across protocols / docs/sessions.md "Names and properties across protocols":
 
     STOMP header                         neutral
     content-type, content-encoding       content_type, content_encoding

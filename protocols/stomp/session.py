@@ -9,7 +9,7 @@ Decisions a client can observe:
 
 - Version: the highest of `accept-version` we share; no header means 1.0 (STOMP 1.2 "Protocol
   Negotiation"). The parser switches to the version's header escaping right after CONNECT.
-- `host` selects the vhost of that name when one exists, else the default vhost `/` (DESIGN.md §3).
+- `host` selects the vhost of that name when one exists, else the default vhost `/` (README, Names across protocols).
 - Heart-beats: the broker offers `[limits] stomp_heartbeat_ms` in both directions. It sends an EOL every
   negotiated interval (unconditionally: an EOL between frames is always legal and costs the delivery path
   nothing) and closes a connection from which nothing arrived for two of its intervals (the grace STOMP
@@ -35,8 +35,7 @@ Decisions a client can observe:
 - Transactions: SENDs, ACKs and NACKs with a `transaction` header are held until COMMIT (all take effect,
   in order) and dropped by ABORT or a disconnect.
 - RECEIPT: a frame's receipt is written once what it did is done; for a SEND of a persistent message
-  into a durable queue (or a COMMIT publishing one) only after the store reported it durable (DESIGN.md
-  §5). Receipts keep the order of their frames; one `when_durable` callback covers every receipt of a
+  into a durable queue (or a COMMIT publishing one) only after the store reported it durable (README, Guarantees). Receipts keep the order of their frames; one `when_durable` callback covers every receipt of a
   `data_received` batch.
 - Errors (a frame the codec refuses, an unknown command, a missing header, a refused destination, an ACK
   for an unknown id, a login that fails, a core refusal): an ERROR frame with a `message` header and a
@@ -625,7 +624,7 @@ class StompSession(ProtocolSession):
     def _receipt(self, receipt_id: str, needs_sync: bool) -> None:
         frame = encode_frame("RECEIPT", [("receipt-id", receipt_id)], b"", self.version)
         if needs_sync or self._deferred or self._outstanding:
-            # Behind the store (DESIGN.md §5), or behind a receipt that is: keep the order.
+            # Behind the store (README, Guarantees), or behind a receipt that is: keep the order.
             self._deferred.append(frame)
         else:
             self.write(frame)

@@ -9,7 +9,7 @@ packages never see a socket, and the same session runs over any transport:
 - listeners.py: `start_listener`, `stop_listeners`;
 - tls.py: `server_ssl_context`.
 
-This module also picks the event loop: uvloop when installed (DESIGN.md §7), else asyncio's own.
+This module also picks the event loop: uvloop when installed (README, Runtime dependencies), else asyncio's own.
 
 Must not import: the broker core, storage, cluster, any protocol package (mqtt, amqp091, stomp).
 """

@@ -2,7 +2,7 @@
 
 `WebSocketDriver` is a `BaseDriver` whose bytes are framed by the `websockets` library's sans-I/O
 `ServerProtocol` (RFC 6455): it performs the HTTP upgrade itself, picks the session by
-`Sec-WebSocket-Protocol` or path (`select_route`, DESIGN.md §2), then feeds every data frame's
+`Sec-WebSocket-Protocol` or path (`select_route`, README, Configuration), then feeds every data frame's
 payload to the session as plain bytes. The session sees a byte stream, exactly as over TCP: MQTT
 says a WebSocket frame may hold several or partial control packets [MQTT-6.0.0-2], and STOMP frames
 are parsed the same way. Everything the session wrote in one event-loop turn goes out as one message

@@ -103,7 +103,7 @@ def test_is_loopback_address(host: str, expected: bool) -> None:
     assert is_loopback_address(host) is expected
 
 
-# --- The default user and anonymous logins (DESIGN.md §2) -------------------------------------------
+# --- The default user and anonymous logins (README, Configuration) -------------------------------------------
 
 
 def test_guest_guest_is_accepted_only_from_loopback() -> None:

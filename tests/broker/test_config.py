@@ -1,4 +1,4 @@
-"""broker.config: defaults (DESIGN.md §2), TOML loading, environment overrides, validation, printing."""
+"""broker.config: defaults (README, Configuration), TOML loading, environment overrides, validation, printing."""
 
 from __future__ import annotations
 

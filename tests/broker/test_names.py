@@ -1,4 +1,4 @@
-"""Cross-protocol names (DESIGN.md §4): MQTT topics <-> routing keys, reversible."""
+"""Cross-protocol names (README, Names across protocols): MQTT topics <-> routing keys, reversible."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from the tables below, so a new endpoint, name, property or lossy case is one li
 - `ENDPOINTS`: the client kinds. `test_topic_matrix` runs every ordered pair of them (nine protocol
   pairs, over TCP and WebSocket) with binary, empty and 1 MiB bodies.
 - `NAMES`: one topic in its three spellings (MQTT topic, STOMP destination, AMQP routing key,
-  DESIGN.md §4), including names that hold the other protocol's separator, non-ASCII and `%`.
+  README, Names across protocols), including names that hold the other protocol's separator, non-ASCII and `%`.
 - `WILDCARDS`: one filter in its three spellings, and topics it must and must not match.
 - `PROPERTIES`: one property in its three spellings (README.md, "Names across protocols" "Properties"); a `None`
   cell is a protocol that cannot carry it.
@@ -684,7 +684,7 @@ def unique(prefix: str = "xp") -> str:
 
 def spell_levels(protocol: str, levels: tuple[str, ...]) -> str:
     """Topic levels in a protocol's spelling, the other protocol's separator escaped inside a level as
-    DESIGN.md §4 says (`.` as `%2E` in AMQP/STOMP, `/` as `%2F` in MQTT)."""
+    README, Names across protocols says (`.` as `%2E` in AMQP/STOMP, `/` as `%2F` in MQTT)."""
     if protocol == "mqtt":
         return "/".join(level.replace("/", "%2F") for level in levels)
     key = ".".join(level.replace(".", "%2E") for level in levels)
@@ -784,7 +784,7 @@ def test_stomp_queue_destinations_are_amqp_queues(clients: Clients, form: str) -
 
 
 def test_stomp_queue_is_declared_durable_for_amqp(clients: Clients) -> None:
-    """A /queue/ SEND declares the queue durable (DESIGN.md §4), so AMQP finds it with a passive declare
+    """A /queue/ SEND declares the queue durable (README, Names across protocols), so AMQP finds it with a passive declare
     and an equivalent durable declare succeeds."""
     stomp_client: StompClient = clients.open("stomp-tcp")
     queue = unique("q")

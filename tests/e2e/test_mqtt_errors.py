@@ -1,7 +1,7 @@
 """MQTT refusals and errors end to end, with raw packets (client libraries do not send broken ones): CONNACK
 return/reason codes for every refusal, and the Reason Code (5.0) or close (3.1.1) for malformed packets,
 protocol violations, oversize packets, invalid Topic Names and Filters and Packet Identifier misuse. Each
-test also checks that a bystander client is untouched (DESIGN.md §5).
+test also checks that a bystander client is untouched (README, Guarantees).
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def test_puback_for_a_qos2_delivery_is_a_protocol_error(broker: BrokerProcess, b
 
 
 def test_a_broken_client_does_not_disturb_a_busy_one(broker: BrokerProcess) -> None:
-    """DESIGN.md §5: at worst that connection closes; every other client carries on."""
+    """README, Guarantees: at worst that connection closes; every other client carries on."""
     topic = unique("busy")
     sub = raw(broker, 4)
     sub.connect(unique("busy-sub"))

@@ -3,7 +3,7 @@ every ERROR case (malformed frame, unknown command, the three size limits, a ref
 for an unknown id) and heart-beats, with raw frames over a socket against a real broker process.
 
 After every error case a bystander connection (stomp.py) must still send and receive: an ERROR closes
-the offending connection only (DESIGN.md §5).
+the offending connection only (README, Guarantees).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Failover of an active/standby pair in two zones, with real clients that know both endpoints.
 
 Each scenario runs in both network modes (tests/e2e/ha/conftest.py) with the default lease settings
-(lease 2 s, sync_timeout 5 s) unless it says otherwise, and checks the guarantee of DESIGN.md §5:
+(lease 2 s, sync_timeout 5 s) unless it says otherwise, and checks the guarantee of README, Guarantees:
 every message confirmed to a publisher (basic.ack under confirm mode, RECEIPT, PUBACK) is delivered
 after the failure; duplicates are allowed and counted; losses must be zero. The publishers (pika,
 stomp.py, paho-mqtt; tests/e2e/ha/clients.py) run at full speed with a window of unconfirmed

@@ -2,7 +2,7 @@
 
 A `FakeConnection` (tests/protocols/fakes.py) stands in for the driver (writes collected, timers on a
 hand-driven clock) and the real core runs over `MemoryStore`, whose `when_durable` callbacks a test may
-hold back to check that persistent messages are confirmed only once durable (DESIGN.md §5). A `Client`
+hold back to check that persistent messages are confirmed only once durable (README, Guarantees). A `Client`
 encodes what a client sends with the codec's encoders and decodes what the session wrote with the codec's
 parser and content assembler, so every assertion is about frames on the wire.
 """

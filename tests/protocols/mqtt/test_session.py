@@ -709,7 +709,7 @@ def test_v5_outbound_topic_aliases_up_to_the_clients_maximum_MQTT_3_3_2_10(harne
     ]
 
 
-# -- 3.3 properties across protocols (DESIGN.md §4) ------------------------------------------------------
+# -- 3.3 properties across protocols (README, Names across protocols) ------------------------------------------------------
 
 
 def test_v5_message_properties_reach_a_v5_subscriber(harness: Harness) -> None:
@@ -1422,7 +1422,7 @@ def test_v5_topic_alias_is_announced_again_when_its_first_use_was_dropped(harnes
 def test_a_failing_delivery_closes_the_subscriber_only(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DESIGN.md §5: a bug in one subscriber's delivery must not fail the publisher it runs under."""
+    """README, Guarantees: a bug in one subscriber's delivery must not fail the publisher it runs under."""
     import protocols.mqtt.session as session_module
 
     sub = harness.connected("s", clean=False)

@@ -1,5 +1,5 @@
 """Tests of the STOMP session (protocols/stomp/session.py): a fake Connection, the real core over the memory
-store, no sockets. Organised by STOMP 1.2 spec section, then the broker's own rules (DESIGN.md §4, §5).
+store, no sockets. Organised by STOMP 1.2 spec section, then the broker's own rules (README, Names across protocols; README, Guarantees).
 
 The store's `when_durable` callbacks are queued (`Harness.durable`) and run by the test, so a test sees
 what a client would see before and after the store reported durability.
@@ -676,7 +676,7 @@ def test_begin_twice_is_an_error(harness: Harness) -> None:
     assert client.error().header("message") == "Transaction already started"
 
 
-# -- RECEIPT and durability (DESIGN.md §5) -----------------------------------------------------------------
+# -- RECEIPT and durability (README, Guarantees) -----------------------------------------------------------------
 
 
 def test_receipt_for_persistent_send_waits_for_the_store(harness: Harness) -> None:
@@ -808,7 +808,7 @@ def test_shutdown_sends_error_and_closes(harness: Harness) -> None:
     assert harness.vhost.queues["s"].consumer_count == 0
 
 
-# -- temporary reply queues and durable subscriptions (DESIGN.md §4) ---------------------------------------
+# -- temporary reply queues and durable subscriptions (README, Names across protocols) ---------------------------------------
 
 
 def test_temp_queue_request_reply(harness: Harness) -> None:
