@@ -236,6 +236,8 @@ class StompSession(ProtocolSession):
         self._vhost: VHost | None = None
         self._queues: dict[str, Queue] = {}
         self._client_id: str | None = None
+        # The authenticated user's name: a SEND's `user-id` must be it (as RabbitMQ checks).
+        self._username = ""
         self._subs: dict[str, Subscription] = {}
         #: Delivery id -> (subscription, entry) for every delivery that awaits ACK/NACK.
         self.unacked: dict[int, tuple[Subscription, Entry]] = {}
@@ -373,6 +375,7 @@ class StompSession(ProtocolSession):
         send_ms, receive_ms = self._heartbeats(headers.get("heart-beat"), version)
         self._vhost = context.broker.vhost(vhost_name)
         self._queues = self._vhost.queues
+        self._username = result.user.name if result.user is not None else ""
         self._client_id = headers.get("client-id")
         self._state = SessionState.CONNECTED
         if self._connect_timer is not None:
@@ -595,6 +598,14 @@ class StompSession(ProtocolSession):
         return resolved
 
     def _properties(self, headers: dict[str, str]) -> Properties:
+        user_id = headers.get("user-id")
+        if user_id is not None and user_id != self._username:
+            # Consumers of every protocol trust user_id (AMQP refuses a mismatch with 406): a client
+            # may not claim to be someone else.
+            raise StompError(
+                "User id mismatch",
+                f"The user-id header says '{user_id}' but this connection logged in as '{self._username}'.",
+            )
         reply_to = headers.get("reply-to")
         neutral = self._neutral_reply_to(reply_to) if reply_to is not None else None
         now_ms = int(self._context.broker.wall_clock() * 1000)

@@ -448,6 +448,16 @@ def test_destination_not_allowed_is_an_error(harness: Harness, destination: str)
     assert error.header("receipt-id") == "r-1"
 
 
+def test_a_send_may_not_claim_another_user_id(harness: Harness) -> None:
+    honest = harness.connected(login="guest", passcode="guest")
+    honest.send("/queue/uid", **{"user-id": "guest", "receipt": "r-1"})
+    assert honest.one("RECEIPT").header("receipt-id") == "r-1"
+    liar = harness.connected(login="guest", passcode="guest")
+    liar.send("/queue/uid", **{"user-id": "admin"})
+    assert liar.error().header("message") == "User id mismatch"
+    assert harness.vhost.queues["uid"].message_count == 1
+
+
 def test_reserved_queue_name_is_refused(harness: Harness) -> None:
     client = harness.connected()
     client.send("/queue/amq.special")
