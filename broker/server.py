@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import time
 from pathlib import Path
@@ -253,7 +254,20 @@ async def _run(config: Config) -> int:
     return 0
 
 
+def _raise_file_limit() -> None:
+    """Every connection is a file descriptor: lift the soft limit to the hard one (often 1024 vs
+    many thousands), as Mosquitto and RabbitMQ do, so `max_connections` is what limits clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
 def serve(config: Config) -> int:
     """Run the broker until SIGTERM/SIGINT. Returns the exit code (0 on a clean stop)."""
+    _raise_file_limit()
     install_uvloop()
     return asyncio.run(_run(config))

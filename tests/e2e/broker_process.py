@@ -7,6 +7,7 @@ stop the broker (SIGTERM or SIGKILL) and start it again on the same data and por
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ class BrokerProcess:
         tls: dict[str, str] | None = None,
         config_file: Path | None = None,
         store: str = "sqlite",
+        soft_file_limit: int | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.ports = {name: free_port() for name in LISTENERS}
@@ -52,6 +54,7 @@ class BrokerProcess:
         self.tls = tls
         self.config_file = config_file
         self.store = store
+        self.soft_file_limit = soft_file_limit
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-broker.log"
 
@@ -87,7 +90,9 @@ class BrokerProcess:
         if self.config_file is not None:
             cmd += ["-c", str(self.config_file)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, env=self.environment(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._limits
+        )
         log.close()
         try:
             env = self.environment()
@@ -101,6 +106,12 @@ class BrokerProcess:
             self.kill()
             raise RuntimeError(f"broker did not start:\n{self.log()}") from None
         return self
+
+    def _limits(self) -> None:
+        """In the child before exec: start it with a lowered soft open-file limit, if asked."""
+        if self.soft_file_limit is not None:
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.soft_file_limit, hard))
 
     def log(self) -> str:
         try:

@@ -75,3 +75,17 @@ def test_listener_can_be_switched_off(tmp_path: Path) -> None:
     finally:
         assert proc.stop() == 0
     assert free_port()
+
+
+def test_the_open_file_limit_is_lifted_to_the_hard_limit(make_broker_proc) -> None:  # type: ignore[no-untyped-def]
+    """Every connection is a file: a soft limit of 1024 would cap clients long before max_connections."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc: BrokerProcess = make_broker_proc(soft_file_limit=256).start()
+    assert proc.proc is not None
+    limits = Path(f"/proc/{proc.proc.pid}/limits").read_text()
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    soft = line.split()[3]
+    assert soft == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard))
+    assert proc.stop() == 0
