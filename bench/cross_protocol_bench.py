@@ -14,7 +14,7 @@ slowest subscriber (the bench harness's backlog cap), so a run measures delivery
 
 Per path: deliveries per second in the window, broker CPU per delivery (µs, from /proc/<pid>/stat) and
 the cores the broker and this client used; then each cross-protocol path's cost against the
-same-protocol paths of its group (the issue's bar: at most 20% more).
+same-protocol paths of its group (the bar: at most 20% more).
 
     python bench/cross_protocol_bench.py [--seconds 5] [--warmup 2] [--reps 3] [--size 16]
     python bench/cross_protocol_bench.py --ports MQTT,AMQP,STOMP --pid PID   # a broker already running

@@ -91,7 +91,7 @@ class Server:
 
     Single node: `start` opens the store and serves at once. With `[ha]` on, an `HaNode` owns the
     store and calls `_serve` when this node becomes active and `_unserve` when it is fenced, so
-    client listeners are open only on the active node (issue: active/standby failover).
+    client listeners are open only on the active node (README, "Active/standby (multi-AZ) pairs").
     """
 
     def __init__(self, config: Config) -> None:

@@ -429,7 +429,7 @@ def test_ha_status_without_a_status_file_or_with_a_stale_one(tmp_path: Path) -> 
 
 # --- two processes -------------------------------------------------------------------------------
 
-#: The issue's target: under 3 s from death to accepting connections with lease_seconds = 2.
+#: The takeover target: under 3 s from death to accepting connections with lease_seconds = 2.
 TAKEOVER_TARGET = 3.0
 
 

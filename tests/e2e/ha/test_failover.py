@@ -45,7 +45,7 @@ from tests.e2e.ha.clients import (
 if TYPE_CHECKING:
     from tests.e2e.ha.conftest import HaReport
 
-#: The takeover target with the default lease settings (issue: active/standby failover).
+#: The takeover target with the default lease settings (README, "Tested and measured").
 TAKEOVER_TARGET_SECONDS = 3.0
 #: Confirmations each publisher collects before a failure is injected, and after it.
 BEFORE = 300
