@@ -150,6 +150,34 @@ class Server:
 
             self._tasks.append(loop.create_task(self._sys(SysPublisher(self.context))))
 
+    async def _confirm_stored(self) -> None:
+        """Before saying goodbye to clients, stop reading from them, let the store commit what it
+        holds and the sessions send the confirms waiting on it: a publisher whose message was
+        stored then does not send it again to the next broker (no duplicate)."""
+        if self.context is None:
+            return
+        store = self.context.broker.store
+        self.registry.pause_reading_all()
+        # Durability callbacks fire in order: once this one runs, every confirm waiting on the
+        # store (and, in a pair, on the standby) has been handed to its connection.
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def mark_committed() -> None:
+            if not committed.done():
+                committed.set_result(None)
+
+        try:
+            store.when_durable(mark_committed)
+            await asyncio.wait_for(committed, SHUTDOWN_GRACE_SECONDS)
+            await asyncio.sleep(0)  # the drivers flush their writes in the next loop turn
+        except (TimeoutError, StoreError) as exc:
+            log.warning(
+                "stopping without confirming everything stored: %s", exc or "the store did not commit in time"
+            )
+        # Reading resumes only for the protocols' goodbyes (AMQP waits for close-ok): `_unserve`
+        # shuts every session down before the loop reads anything again.
+        self.registry.resume_reading_all()
+
     async def _unserve(self, grace: float = 0.0) -> None:
         """Stop serving clients (fenced, or stopping): tasks, listeners, connections."""
         for task in self._tasks:
@@ -223,7 +251,8 @@ class Server:
                 log.exception("$SYS publication failed")
 
     async def stop(self) -> None:
-        """Stop accepting, close clients the protocol's proper way, flush the store."""
+        """Confirm what is stored, close clients the protocol's proper way, close the store."""
+        await self._confirm_stored()
         await self._unserve(SHUTDOWN_GRACE_SECONDS)
         if self._node is not None:
             node, self._node = self._node, None

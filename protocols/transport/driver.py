@@ -121,6 +121,15 @@ class ConnectionRegistry:
         done, _ = await asyncio.wait({waiter}, timeout=timeout)
         return bool(done)
 
+    def pause_reading_all(self) -> None:
+        """Stop reading from every connection (the broker is about to stop: take no new work)."""
+        for driver in self._drivers:
+            driver.pause_reading()
+
+    def resume_reading_all(self) -> None:
+        for driver in self._drivers:
+            driver.resume_reading()
+
     async def close_all(self, grace: float) -> None:
         """Shut every connection down the protocol's way, bounded in time.
 
