@@ -500,7 +500,14 @@ def test_rabbitmq_and_activemq_durable_subscriptions_survive_a_restart(make_brok
             "/topic/alerts.#", id="alerts", ack="client", headers={"durable": "true", "auto-delete": "false"}
         )
         amq, got2 = made.connect(**{"client-id": "billing"})
-        amq.subscribe("/topic/invoices", id="inv", ack="auto", headers={"activemq.subscriptionName": "feed"})
+        amq.subscribe(
+            "/topic/invoices",
+            id="inv",
+            ack="auto",
+            headers={"activemq.subscriptionName": "feed", "receipt": "sub"},
+        )
+        # The subscription must exist before the publisher (another connection) sends to it.
+        got2.wait_receipt("sub")
         rabbit.send("/topic/alerts.fire", "while-connected", headers={"persistent": "true"}, receipt="r0")
         got.wait_messages(1)
         made.close_all()
