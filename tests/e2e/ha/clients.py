@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +176,22 @@ class Publisher(threading.Thread):
         stall = time.monotonic() - self._last_progress
         self.stats.max_stall = max(self.stats.max_stall, stall)
         return stall > self.stall_timeout
+
+    def _publish_with_failover(self, one_connection: Callable[[float], bool], waiting_for: str) -> None:
+        """The thread body of a publisher that reconnects itself: `one_connection(deadline)` connects
+        to an endpoint, publishes until that connection fails, stalls or all is confirmed, and puts
+        what was left unconfirmed back to be sent again (False: no endpoint accepted)."""
+        connections = 0
+        while self._has_more() or self._inflight:
+            if not one_connection(time.monotonic() + 60):
+                self.stats.errors.append("no endpoint accepted a connection")
+                return
+            connections += 1
+            if connections > 1:
+                self.stats.reconnects += 1
+            if self._past_stop():
+                self.stats.errors.append(f"gave up waiting for the last {waiting_for}")
+                return
 
     def _requeue(self, ids: Iterable[str]) -> None:
         # Unconfirmed messages go out again first, in their order.
@@ -461,27 +477,20 @@ class StompPublisher(Publisher):
         return None
 
     def run(self) -> None:
-        ever_connected = False
-        while True:
-            if not self._has_more() and not self._inflight:
-                return
-            connected = self._connect(time.monotonic() + 60)
-            if connected is None:
-                self.stats.errors.append("no endpoint accepted a connection")
-                return
-            conn, listener = connected
-            if ever_connected:
-                self.stats.reconnects += 1
-            ever_connected = True
-            self._publish(conn, listener)
-            _stomp_close(conn)
-            with self._cond:
-                lost = list(self._inflight.values())
-                self._inflight.clear()
-            self._requeue(lost)
-            if self._past_stop():
-                self.stats.errors.append("gave up waiting for the last receipts")
-                return
+        self._publish_with_failover(self._one_connection, "receipts")
+
+    def _one_connection(self, deadline: float) -> bool:
+        connected = self._connect(deadline)
+        if connected is None:
+            return False
+        conn, listener = connected
+        self._publish(conn, listener)
+        _stomp_close(conn)
+        with self._cond:
+            lost = list(self._inflight.values())
+            self._inflight.clear()
+        self._requeue(lost)
+        return True
 
     def _publish(self, conn: Any, listener: _StompListener) -> None:
         """Publish on one connection until it fails, stalls, or everything is confirmed.
@@ -666,27 +675,20 @@ class MqttPublisher(Publisher):
         return None
 
     def run(self) -> None:
-        ever_connected = False
-        while True:
-            if not self._has_more() and not self._inflight:
-                return
-            client = self._connect(time.monotonic() + 60)
-            if client is None:
-                self.stats.errors.append("no endpoint accepted a connection")
-                return
-            if ever_connected:
-                self.stats.reconnects += 1
-            ever_connected = True
-            self._publish(client)
-            _mqtt_close(client)
-            lost = [m for m, info in self._inflight.items() if not info.is_published()]
-            self._confirm(m for m, info in self._inflight.items() if info.is_published())
-            self._inflight.clear()
-            self._requeue(lost)
-            self._current = (self._current + 1) % len(self.endpoints)
-            if self._past_stop():
-                self.stats.errors.append("gave up waiting for the last PUBACKs")
-                return
+        self._publish_with_failover(self._one_connection, "PUBACKs")
+
+    def _one_connection(self, deadline: float) -> bool:
+        client = self._connect(deadline)
+        if client is None:
+            return False
+        self._publish(client)
+        _mqtt_close(client)
+        lost = [m for m, info in self._inflight.items() if not info.is_published()]
+        self._confirm(m for m, info in self._inflight.items() if info.is_published())
+        self._inflight.clear()
+        self._requeue(lost)
+        self._current = (self._current + 1) % len(self.endpoints)
+        return True
 
     def _publish(self, client: paho.Client) -> None:
         """Publish on one connection until it fails, stalls, or everything is confirmed. PUBACKs
