@@ -8,7 +8,6 @@ statement they check ([MQTT-x.y.z-n], 3.1.1 numbering unless the name says v5).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from protocols.mqtt.packets import (
 from protocols.mqtt.packets import Properties as MqttProperties
 from tests.certs import CertificateSet, make_certificates
 from tests.e2e.broker_process import BrokerProcess
+from tests.e2e.raw_socket import RawSocket
 
 TIMEOUT = 10.0
 #: The listener behind each transport.
@@ -164,14 +164,16 @@ class Paho:
             self.client.loop_stop()
 
 
-class RawMqtt:
+class RawMqtt(RawSocket):
     """A plain socket speaking MQTT packets, for what client libraries cannot send or show."""
 
     def __init__(self, port: int, level: int = 4) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        super().__init__(port, TIMEOUT)
         self.level = level
         self.parser = MqttParser(server_side=False, protocol_level=level)
-        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        self.parser.feed(data)
 
     def send(self, *packets: Packet) -> None:
         self.raw(b"".join(encode(p, self.level) for p in packets))
@@ -186,46 +188,14 @@ class RawMqtt:
             packet = self.parser.next_packet()
             if packet is not NEED_DATA:
                 return packet
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.eof:
+            if self.eof or not self.read_once(deadline):
                 raise AssertionError("no packet from the broker" + (" (closed)" if self.eof else ""))
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-            self.parser.feed(data)
-
-    def closed(self, timeout: float = TIMEOUT) -> bool:
-        """Wait for the broker to close the connection; True if it did (packets before it are dropped)."""
-        deadline = time.monotonic() + timeout
-        while not self.eof:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return False
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-            else:
-                self.parser.feed(data)
-        return True
 
     def connect(self, client_id: str, **kwargs: Any) -> ConnAck:
         self.send(Connect(client_id, self.level, **kwargs))
         ack = self.packet()
         assert isinstance(ack, ConnAck), ack
         return ack
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def unique(prefix: str) -> str:
@@ -433,7 +403,7 @@ def test_v3_session_takeover_closes_the_first_connection_MQTT_3_1_4_3(clients: C
     first.connect(client_id)
     second = clients.raw(4)
     assert second.connect(client_id).reason_code == 0
-    assert first.closed()
+    assert first.closed_by_broker()
 
 
 # -- Keep alive -----------------------------------------------------------------------------------------
@@ -447,7 +417,7 @@ def test_keep_alive_is_enforced_at_one_and_a_half_times_MQTT_3_1_2_24(clients: C
     elapsed = time.monotonic() - started
     assert isinstance(packet, Disconnect) and packet.reason_code == 0x8D
     assert 2.9 <= elapsed < 6, elapsed
-    assert silent.closed()
+    assert silent.closed_by_broker()
 
 
 def test_pings_keep_the_connection_alive(clients: Clients) -> None:
@@ -514,7 +484,7 @@ def test_will_is_sent_on_abnormal_disconnect_only_MQTT_3_1_2_8(clients: Clients)
     polite = clients.raw(4)
     polite.connect(unique("polite"), will=Will(f"{topic}/polite", b"polite gone", 1))
     polite.send(Disconnect())
-    assert polite.closed()
+    assert polite.closed_by_broker()
     crash = clients.raw(4)
     crash.connect(unique("crash"), will=Will(f"{topic}/crash", b"crash gone", 1))
     crash.close()  # no DISCONNECT

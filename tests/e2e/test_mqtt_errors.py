@@ -121,7 +121,7 @@ def test_refused_logins_get_the_connack_code_of_their_version(
     client = raw(broker, level)
     ack = client.connect(unique("login"), username=username, password=password)
     assert ack.reason_code == code
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_good_logins_are_accepted_in_their_vhost(broker: BrokerProcess) -> None:
@@ -138,7 +138,7 @@ def test_unsupported_protocol_level_gets_return_code_1_MQTT_3_1_2_2(
     client.raw(b"\x10\x0f\x00\x04MQTT\x07\x02\x00\x3c\x00\x03dev")
     ack = client.packet()
     assert isinstance(ack, ConnAck) and ack.reason_code == 1
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_empty_client_id_with_clean_session_0_gets_return_code_2_MQTT_3_1_3_8(
@@ -146,7 +146,7 @@ def test_empty_client_id_with_clean_session_0_gets_return_code_2_MQTT_3_1_3_8(
 ) -> None:
     client = raw(broker, 4)
     assert client.connect("", clean_start=False).reason_code == 2
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_v5_empty_client_id_gets_an_assigned_one_MQTT_3_2_2_16(broker: BrokerProcess) -> None:
@@ -159,7 +159,7 @@ def test_v5_enhanced_authentication_gets_0x8c(broker: BrokerProcess, bystander: 
     client = raw(broker, 5)
     ack = client.connect(unique("scram"), properties=MqttProperties(authentication_method="SCRAM-SHA-256"))
     assert ack.reason_code == ReasonCode.BAD_AUTHENTICATION_METHOD
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_first_packet_not_connect_is_closed_without_connack_MQTT_3_1_0_1(
@@ -167,7 +167,7 @@ def test_first_packet_not_connect_is_closed_without_connack_MQTT_3_1_0_1(
 ) -> None:
     client = raw(broker, 4)
     client.raw(b"\xc0\x00")  # PINGREQ
-    assert client.closed()
+    assert client.closed_by_broker()
     assert client.parser.next_packet() is NEED_DATA  # nothing was sent back
 
 
@@ -190,7 +190,7 @@ def test_malformed_packet_closes_3_1_1(broker: BrokerProcess, bystander: Bystand
     client = raw(broker, 4)
     client.connect(unique("bad"))
     client.raw(data)
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 @pytest.mark.parametrize("data", [v5 for _, v5 in MALFORMED.values()], ids=list(MALFORMED))
@@ -202,7 +202,7 @@ def test_v5_malformed_packet_gets_disconnect_0x81(
     client.raw(data)
     packet = client.packet()
     assert isinstance(packet, Disconnect) and packet.reason_code == ReasonCode.MALFORMED_PACKET, packet
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_second_connect_is_a_protocol_violation_MQTT_3_1_0_2(
@@ -211,7 +211,7 @@ def test_second_connect_is_a_protocol_violation_MQTT_3_1_0_2(
     v3 = raw(broker, 4)
     v3.connect(unique("twice"))
     v3.send(Connect(unique("twice"), 4))
-    assert v3.closed()
+    assert v3.closed_by_broker()
     v5 = raw(broker, 5)
     v5.connect(unique("twice"))
     v5.send(Connect(unique("twice"), 5))
@@ -231,7 +231,7 @@ def test_oversize_packet_closes_3_1_1(broker: BrokerProcess, bystander: Bystande
     client = raw(broker, 4)
     client.connect(unique("big"))
     client.send(Publish("t", b"x" * 5000))
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_v5_oversize_packet_gets_disconnect_0x95(broker: BrokerProcess, bystander: Bystander) -> None:
@@ -266,7 +266,7 @@ def test_publish_to_a_wildcard_topic_closes_3_1_1_MQTT_3_3_2_2(
     client = raw(broker, 4)
     client.connect(unique("wild"))
     client.send(Publish("a/+/b", b"x"))
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_v5_publish_to_a_wildcard_topic_gets_disconnect_0x90(
@@ -290,7 +290,7 @@ def test_invalid_topic_filters_are_refused_in_the_suback_MQTT_3_9_3_2(
     ack = client.packet()
     assert isinstance(ack, SubAck)
     assert ack.reason_codes == [1, refused, refused, refused, 1]
-    assert not client.closed(timeout=0.3)
+    assert not client.closed_by_broker(timeout=0.3)
 
 
 # -- Packet Identifiers ------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_packet_id_zero_closes_3_1_1_MQTT_2_3_1_1(broker: BrokerProcess, bystand
     client = raw(broker, 4)
     client.connect(unique("pid0"))
     client.raw(b"\x32\x06\x00\x01t\x00\x00x")
-    assert client.closed()
+    assert client.closed_by_broker()
 
 
 def test_v5_packet_id_zero_gets_disconnect_0x82_MQTT_2_2_1_3(
@@ -320,7 +320,7 @@ def test_v5_pubrel_for_an_unknown_id_gets_pubcomp_0x92(broker: BrokerProcess, by
     comp = client.packet()
     assert isinstance(comp, PubComp)
     assert (comp.packet_id, comp.reason_code) == (77, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND)
-    assert not client.closed(timeout=0.3)
+    assert not client.closed_by_broker(timeout=0.3)
 
 
 def test_puback_for_a_qos2_delivery_is_a_protocol_error(broker: BrokerProcess, bystander: Bystander) -> None:

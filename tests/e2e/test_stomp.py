@@ -7,7 +7,6 @@ wait is on a condition with a timeout, never a sleep standing in for synchronisa
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ from stomp.adapter.ws import WSStompConnection
 from protocols.stomp.codec import NEED_DATA, Frame, StompParser
 from tests.certs import CertificateSet, make_certificates
 from tests.e2e.broker_process import BrokerProcess
+from tests.e2e.raw_socket import RawSocket
 
 TIMEOUT = 10.0
 #: What each transport is called here, and the listener that serves it.
@@ -160,13 +160,15 @@ def nack(conn: Any, version: str, message: Any, **extra: str) -> None:
         conn.nack(headers["message-id"], headers["subscription"], **extra)
 
 
-class RawStomp:
+class RawStomp(RawSocket):
     """A plain socket speaking STOMP byte by byte, for what client libraries cannot send."""
 
     def __init__(self, port: int, version: str = "1.2") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        super().__init__(port, TIMEOUT)
         self.parser = StompParser(version=version)
-        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        self.parser.feed(data)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -179,14 +181,8 @@ class RawStomp:
             if event is not NEED_DATA:
                 assert isinstance(event, Frame)
                 return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.eof:
+            if self.eof or not self.read_once(deadline):
                 raise AssertionError("no frame from the broker")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            if not data:
-                self.eof = True
-            self.parser.feed(data)
 
     def connect(self, version: str = "1.2", **headers: str) -> Frame:
         lines = [f"accept-version:{version}", "host:/"] + [
@@ -198,33 +194,10 @@ class RawStomp:
         self.parser.version = frame.header("version", "1.0")
         return frame
 
-    def closed_by_broker(self, timeout: float = TIMEOUT) -> bool:
-        """True once the broker closed the connection (EOF or reset) within `timeout`."""
-        deadline = time.monotonic() + timeout
-        while not self.eof:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.sock.settimeout(remaining)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                return False
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                self.eof = True
-            else:
-                self.parser.feed(data)
-        return True
-
     def heartbeats_received(self) -> int:
         """EOLs received between frames so far (what was read must hold no frame)."""
         assert self.parser.next_event() is NEED_DATA
         return self.parser.heartbeats
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
